@@ -1,0 +1,1 @@
+"""The Qt-free core: everything a user can do, as plain functions and classes with typed events."""

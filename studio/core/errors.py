@@ -1,0 +1,30 @@
+"""Errors a user can cause. Each carries a one-line message a person can act on; the CLI prints it and exits 2,
+the GUI shows it in a dialog. Anything that is not a StudioError is a bug and keeps its traceback."""
+
+
+class StudioError(Exception):
+    """Base of every user-facing error."""
+
+
+class ModelSourceError(StudioError):
+    """The model to open cannot be found, read or built."""
+
+
+class PlanError(StudioError):
+    """The LoRA plan asks for something the model cannot do (unknown module, bad rank, ...)."""
+
+
+class DataError(StudioError):
+    """The dataset cannot be read or formatted as asked."""
+
+
+class RunConfigError(StudioError):
+    """A run file is missing a field or holds a value out of range."""
+
+
+class TrainingError(StudioError):
+    """Training stopped for a reason the user can act on (out of memory, NaN loss, full disk, ...)."""
+
+
+class ExportError(StudioError):
+    """An adapter or merged model cannot be saved or loaded."""

