@@ -1,0 +1,115 @@
+"""Typed events the engine emits through its `on_event` callback. Plain frozen dataclasses: the GUI's worker
+re-emits each as one Qt signal argument, the CLI prints and logs them, tests assert on them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_dir: str
+    model: str
+    device: str
+    plan: dict[str, Any]
+    counts: dict[str, Any]  # PlanCounts.to_dict()
+    train_examples: int
+    val_examples: int
+    total_steps: int
+    start_step: int = 0  # > 0 when resuming
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float  # non-padding tokens only
+    tokens_seen: int
+    elapsed_s: float
+    eta_s: float
+    gpu_mem_bytes: int | None = None  # peak allocated since the last step, None on CPU
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    step: int
+    val_loss: float
+    score: float | None = None  # task score (exact match, accuracy) where the data defines one
+    score_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """Singular values of ΔW = scaling·B·A for one adapted module, largest first."""
+
+    name: str
+    values: tuple[float, ...]
+    rank: int
+    effective_rank_90: int  # smallest k holding 90% of the energy (sum of squared singular values)
+    effective_rank_95: int
+    top1_energy: float  # share of the energy in the largest singular value
+
+
+@dataclass(frozen=True)
+class SpectrumSnapshot:
+    step: int
+    modules: tuple[ModuleSpectrum, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Paused:
+    step: int
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    step: int
+    run_dir: str
+    adapter_dir: str
+    stopped_early: bool  # True when the user stopped the run
+    final_loss: float | None
+    final_val_loss: float | None = None
+    final_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # one line a person can act on
+    step: int
+    checkpoint: str | None = None  # the last usable checkpoint, if any
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    text: str
+    level: str = "info"
+
+
+Event = (
+    RunStarted | StepMetrics | EvalMetrics | SpectrumSnapshot | CheckpointSaved | Paused | Resumed | Finished
+    | Failed | LogMessage
+)
+
+
+def to_record(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict with the event's type name, as written to metrics.jsonl."""
+    record = {"event": type(event).__name__}
+    record.update(asdict(event))
+    return record
