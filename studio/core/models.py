@@ -281,6 +281,7 @@ def _open_plan_only(
             model = _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
         raise ModelSourceError(f"cannot build {src.display_name} from its config: {_first_line(exc)}") from exc
+    model.tie_weights()  # skipped under no_init_weights; tied embeddings must count once, as with real weights
     report(LoadProgress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     return LoadedModel(model, None, src, task, True, dtype.replace("torch.", ""), "meta")

@@ -1,0 +1,1 @@
+"""The studio window: PySide6 + pyqtgraph widgets that only call studio.core."""
