@@ -1,1 +1,1 @@
-"""The studio window: PySide6 + pyqtgraph widgets that only call studio.core."""
+"""The studio window: PySide6 widgets over `studio.core`. Nothing here is imported by the core."""

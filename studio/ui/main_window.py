@@ -1,0 +1,307 @@
+"""The studio's main window: module tree and adapter panel as docks, a tab area for the work panels (data,
+train, spectrum, playground and runs join it through `add_panel`), a status bar that shows loading progress,
+and the File and Help menus. Settings persist through the QSettings the window is given."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QSettings, Qt, Signal, Slot
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFileDialog,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QProgressBar,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.core.models import LoadProgress
+from studio.ui.adapter_panel import AdapterPanel
+from studio.ui.model_loader import OpenedModel, load_model
+from studio.ui.model_summary import ModelSummary
+from studio.ui.module_tree_panel import ModuleTreePanel
+from studio.ui.plan_state import PlanState
+from studio.ui.units import human_count
+from studio.ui.worker import BackgroundJob, Report, WorkFailed
+
+ORGANIZATION = "LoRA Studio"
+APPLICATION = "lora-studio"
+MAX_RECENT = 8
+TREE_WIDTH, ADAPTER_WIDTH = 600, 420  # first-run dock widths; afterwards the saved window state wins
+FIRST_PRESET = "peft-default"  # what PEFT itself would target without target_modules
+BANNER_STYLE = "background: #fff4ce; color: #5c4400; border: 1px solid #e0c46c; padding: 6px;"
+log = logging.getLogger(__name__)
+
+
+class MainWindow(QMainWindow):
+    sig_model_opened = Signal(object)  # OpenedModel, once the window shows it
+    sig_model_failed = Signal(object)  # WorkFailed
+
+    def __init__(self, settings: QSettings, log_path: Path | None = None, parent: QWidget | None = None,
+                 loader: Callable[[str, Report], OpenedModel] = load_model) -> None:
+        super().__init__(parent)
+        self.settings = settings
+        self._log_path = log_path
+        self._loader = loader
+        self.opened: OpenedModel | None = None
+        self.error_dialog: QMessageBox | None = None
+        self._load_job: BackgroundJob | None = None
+        self._load_started = 0.0
+        self.setWindowTitle("LoRA Studio")
+        self.setDockOptions(QMainWindow.AnimatedDocks | QMainWindow.AllowTabbedDocks)
+
+        self.plan_state = PlanState(self)
+        self.tree_panel = ModuleTreePanel(self.plan_state)
+        self.adapter_panel = AdapterPanel(self.plan_state)
+        self.summary = ModelSummary()
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.add_panel(self.summary, "Model")
+        self.plan_banner = QLabel()
+        self.plan_banner.setWordWrap(True)
+        self.plan_banner.setStyleSheet(BANNER_STYLE)
+        self.plan_banner.hide()
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.plan_banner)
+        layout.addWidget(self.tabs, 1)
+        self.setCentralWidget(central)
+        self.tree_dock = self._dock("Modules", "modules-dock", self.tree_panel, Qt.LeftDockWidgetArea)
+        self.adapter_dock = self._dock("Adapter", "adapter-dock", self.adapter_panel, Qt.RightDockWidgetArea)
+        self.resizeDocks([self.tree_dock, self.adapter_dock], [TREE_WIDTH, ADAPTER_WIDTH], Qt.Horizontal)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setMaximumWidth(220)
+        self.progress_bar.hide()
+        self.status_label = QLabel("Ready")
+        self.statusBar().addWidget(self.status_label, 1)
+        self.statusBar().addPermanentWidget(self.progress_bar)
+        self._build_menus()
+        self.resize(1440, 900)
+        self._restore_settings()
+
+    # ---- layout -------------------------------------------------------------------------------------------
+
+    def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)  # saveState() needs names to put docks back where the user left them
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def add_panel(self, widget: QWidget, title: str) -> None:
+        """A work panel in the central tab area (data, train, spectrum, playground, runs)."""
+        self.tabs.addTab(widget, title)
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self.open_actions = [
+            self._action(file_menu, "Open model &folder…", self._on_open_folder_triggered, QKeySequence.Open),
+            self._action(file_menu, "Open .&gguf file…", self._on_open_gguf_triggered),
+            self._action(file_menu, "Open &config only (plan mode)…", self._on_open_config_triggered),
+            self._action(file_menu, "Open &hub id…", self._on_open_hub_triggered),
+            self._action(file_menu, "Open the &built-in model", lambda: self.open_model("default")),
+        ]
+        self.recent_menu = file_menu.addMenu("Open &recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        file_menu.addSeparator()
+        self._action(file_menu, "&Quit", self.close, QKeySequence.Quit)
+        view_menu = self.menuBar().addMenu("&View")
+        view_menu.addAction(self.tree_dock.toggleViewAction())
+        view_menu.addAction(self.adapter_dock.toggleViewAction())
+        help_menu = self.menuBar().addMenu("&Help")
+        self._action(help_menu, "&About LoRA Studio", self._on_about_triggered)
+
+    def _action(self, menu: QMenu, text: str, slot: Callable[[], object],
+                shortcut: QKeySequence.StandardKey | None = None) -> QAction:
+        action = menu.addAction(text)
+        action.triggered.connect(slot)
+        if shortcut is not None:
+            action.setShortcut(shortcut)
+        return action
+
+    # ---- opening a model ----------------------------------------------------------------------------------
+
+    def is_loading(self) -> bool:
+        return self._load_job is not None
+
+    def open_model(self, spec: str) -> BackgroundJob | None:
+        """Open `spec` on a worker thread; the window stays live and shows the progress. None while busy."""
+        if self._load_job is not None:
+            self.statusBar().showMessage("Still opening the previous model", 3000)
+            return None
+        job = BackgroundJob(lambda report: self._loader(spec, report), name="model-loader")
+        job.worker.sig_progress.connect(self._on_loader_progress)
+        job.worker.sig_result.connect(self._on_loader_result)
+        job.worker.sig_failed.connect(self._on_loader_failed)
+        job.worker.sig_finished.connect(self._on_loader_finished)
+        self._load_job = job
+        self._load_started = time.perf_counter()
+        for action in self.open_actions:
+            action.setEnabled(False)
+        self.progress_bar.setValue(0)
+        self.progress_bar.show()
+        self.status_label.setText(f"Opening {spec}…")
+        job.start()
+        return job
+
+    @Slot(object)
+    def _on_loader_progress(self, progress: LoadProgress) -> None:
+        self.progress_bar.setValue(int(1000 * progress.fraction))
+        self.status_label.setText(progress.message)
+
+    @Slot(object)
+    def _on_loader_result(self, opened: OpenedModel) -> None:
+        self.show_model(opened, time.perf_counter() - self._load_started)
+
+    def show_model(self, opened: OpenedModel, seconds: float | None = None) -> None:
+        """Put an opened model into every panel (the loader's result; tests hand one in directly)."""
+        self.opened = opened
+        tree = opened.tree
+        self.plan_state.set_tree(tree, opened.presets.get(FIRST_PRESET, ()))
+        self.tree_panel.set_presets(dict(opened.presets))
+        self.adapter_panel.set_machine(opened.machine)
+        self.summary.show_model(opened)
+        name = opened.loaded.display_name
+        self.setWindowTitle(f"LoRA Studio — {name}" + (" (plan mode)" if opened.plan_only else ""))
+        self.plan_banner.setText(
+            f"<b>Plan mode</b>: {name} was opened from its configuration only, without weights. The module "
+            "tree, the counts and the memory estimate are exact; training needs the weights (open the model "
+            "folder, a .gguf file or a hub id)."
+        )
+        self.plan_banner.setVisible(opened.plan_only)
+        took = f" (opened in {seconds:.1f} s)" if seconds is not None else ""
+        self.status_label.setText(
+            f"{name}: {len(tree.modules) - 1:,} modules, {human_count(tree.total_params)} parameters{took}"
+        )
+        self._remember_recent(opened.spec)
+        self.sig_model_opened.emit(opened)
+
+    @Slot(object)
+    def _on_loader_failed(self, failure: WorkFailed) -> None:
+        if failure.user_error:
+            text = failure.message
+        else:
+            log.error("opening a model failed:\n%s", failure.details)
+            where = f" (details in {self._log_path})" if self._log_path else ""
+            text = f"Unexpected error while opening the model: {failure.message}{where}"
+        self.status_label.setText("Could not open the model")
+        self.error_dialog = QMessageBox(QMessageBox.Warning, "Cannot open the model", text, parent=self)
+        self.error_dialog.open()  # window-modal without blocking the event loop
+        self.sig_model_failed.emit(failure)
+
+    @Slot()
+    def _on_loader_finished(self) -> None:
+        self._load_job = None
+        self.progress_bar.hide()
+        for action in self.open_actions:
+            action.setEnabled(True)
+
+    # ---- menus --------------------------------------------------------------------------------------------
+
+    def _last_folder(self) -> str:
+        return str(self.settings.value("paths/last_folder", str(Path.home())))
+
+    def _remember_folder(self, path: str) -> None:
+        self.settings.setValue("paths/last_folder", str(Path(path).parent if Path(path).is_file() else path))
+
+    @Slot()
+    def _on_open_folder_triggered(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a model folder", self._last_folder())
+        if folder:
+            self._remember_folder(folder)
+            self.open_model(folder)
+
+    @Slot()
+    def _on_open_gguf_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a .gguf model", self._last_folder(), "GGUF (*.gguf)")
+        if path:
+            self._remember_folder(path)
+            self.open_model(path)
+
+    @Slot()
+    def _on_open_config_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a config.json (plan mode: no weights)", self._last_folder(), "Model config (*.json)"
+        )
+        if path:
+            self._remember_folder(path)
+            self.open_model(path)
+
+    @Slot()
+    def _on_open_hub_triggered(self) -> None:
+        hub_id, ok = QInputDialog.getText(self, "Open a hub model", "Hugging Face model id (org/name):")
+        if ok and hub_id.strip():
+            self.open_model(hub_id.strip())
+
+    def recent_models(self) -> list[str]:
+        value = self.settings.value("models/recent", [])
+        return [value] if isinstance(value, str) else [str(v) for v in (value or [])]
+
+    def _remember_recent(self, spec: str) -> None:
+        recent = [spec] + [s for s in self.recent_models() if s != spec]
+        self.settings.setValue("models/recent", recent[:MAX_RECENT])
+
+    @Slot()
+    def _fill_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        for spec in self.recent_models():
+            action = self.recent_menu.addAction(spec)
+            action.triggered.connect(lambda _=False, s=spec: self.open_model(s))
+        if not self.recent_menu.actions():
+            self.recent_menu.addAction("(none yet)").setEnabled(False)
+
+    def about_text(self) -> str:
+        versions = []
+        for package in ("torch", "transformers", "peft", "PySide6-Essentials", "pyqtgraph"):
+            try:
+                versions.append(f"{package.replace('-Essentials', '')} {metadata.version(package)}")
+            except metadata.PackageNotFoundError:
+                continue
+        from studio import __version__
+
+        device = self.opened.machine.description if self.opened else "not checked yet (no model open)"
+        return (
+            f"<h3>LoRA Studio {__version__}</h3><p>Fine-tune language models with LoRA and watch what happens "
+            f"while it happens.</p><p>{'<br>'.join(versions)}</p><p>Training device: {device}</p>"
+        )
+
+    @Slot()
+    def _on_about_triggered(self) -> None:
+        QMessageBox.about(self, "About LoRA Studio", self.about_text())
+
+    # ---- settings -----------------------------------------------------------------------------------------
+
+    def _restore_settings(self) -> None:
+        geometry = self.settings.value("window/geometry")
+        state = self.settings.value("window/state")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        if state is not None:
+            self.restoreState(state)
+
+    def save_settings(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.settings.sync()
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.save_settings()
+        if self._load_job is not None:  # loading cannot be interrupted: let it end before Qt tears down
+            self.hide()
+            self._load_job.wait()
+        super().closeEvent(event)

@@ -1,0 +1,95 @@
+"""The job that opens a model for the window: the core's `open_model`, its module tree, its presets and what
+this machine's GPU offers. It runs on a worker thread, so everything slow or import-heavy (torch,
+transformers, peft) happens here and never on the UI thread."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from studio.core import inventory
+from studio.core.models import LoadedModel, LoadProgress, open_model
+
+OPEN_SHARE = 0.85  # of the progress bar, for open_model itself
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The accelerator the studio would train on; None fields without a CUDA GPU."""
+
+    gpu_name: str | None
+    gpu_bytes: int | None
+
+    @property
+    def has_cuda(self) -> bool:
+        return self.gpu_bytes is not None
+
+    @property
+    def description(self) -> str:
+        if self.gpu_name is None:
+            return "CPU only (no CUDA GPU)"
+        return f"{self.gpu_name} ({(self.gpu_bytes or 0) / 2**30:.0f} GiB)"
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    spec: str  # what to pass to open_model again (stored in the recent list)
+    loaded: LoadedModel
+    tree: inventory.ModuleTree
+    presets: Mapping[str, tuple[str, ...]]
+    machine: Machine
+
+    @property
+    def plan_only(self) -> bool:
+        return self.loaded.plan_only
+
+
+def detect_machine() -> Machine:
+    import torch
+
+    from studio.core.memory import gpu_memory_bytes
+
+    if not torch.cuda.is_available():
+        return Machine(None, None)
+    return Machine(torch.cuda.get_device_name(0), gpu_memory_bytes(0))
+
+
+def import_libraries() -> None:
+    """Import torch, transformers and peft with the garbage collector paused, then freeze what they made.
+
+    The imports create about a million objects (modules, classes, functions) that live as long as the process.
+    Left in the collector's generations, every full collection walks all of them while holding the GIL: a pause
+    of several hundred milliseconds, on whichever thread triggers it, that stalls the window. Frozen, they are
+    skipped. Only objects that exist before any model is opened are frozen, so a model can still be freed.
+    """
+    global _libraries_frozen
+    if _libraries_frozen:
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    finally:
+        gc.freeze()
+        _libraries_frozen = True
+        if was_enabled:
+            gc.enable()
+
+
+_libraries_frozen = False
+
+
+def load_model(spec: str, report: Callable[[LoadProgress], None]) -> OpenedModel:
+    """Open `spec` (anything `open_model` accepts) and describe it. Raises StudioError for bad input."""
+    report(LoadProgress("libraries", 0.0, "Loading torch and transformers"))
+    import_libraries()
+    # open_model runs to 1.0 on its own; keep the last stretch of the bar for the tree and the presets
+    loaded = open_model(spec, on_progress=lambda p: report(replace(p, fraction=p.fraction * OPEN_SHARE)))
+    report(LoadProgress("inventory", OPEN_SHARE, f"Listing the modules of {loaded.display_name}"))
+    tree = inventory.build(loaded.model, loaded.task)
+    report(LoadProgress("presets", (1 + OPEN_SHARE) / 2, "Finding the layer presets"))
+    presets = {name: tuple(names) for name, names in inventory.presets(tree).items()}
+    return OpenedModel(loaded.source.spec, loaded, tree, presets, detect_machine())
