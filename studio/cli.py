@@ -58,6 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     cnt.add_argument("--quantization", choices=["4bit", "8bit"], help="base weights quantized (memory estimate)")
     cnt.add_argument("--gradient-checkpointing", action="store_true", help="memory estimate with checkpointing")
     cnt.add_argument("--json", action="store_true", help="print one JSON object")
+
+    train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
+    train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
+    train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
+    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+
+    res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    res.add_argument("run_dir", help="a run folder holding run.yaml and checkpoints/")
+    res.add_argument("--max-steps", type=int, help="a new step budget (default: the run's own)")
+
+    export = sub.add_parser("export", help="copy a run's adapter (PEFT format) to a folder")
+    export.add_argument("run_dir", help="a run folder")
+    export.add_argument("--out", help="where to write it (default: RUN_DIR/export)")
+
+    merge = sub.add_parser("merge", help="merge an adapter into its base and save a full model folder")
+    merge.add_argument("source", help="a run folder or a PEFT adapter folder")
+    merge.add_argument("--out", required=True, help="the folder to write the merged model to")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    merge.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
+
+    spec = sub.add_parser("spectrum", help="singular values and effective ranks of every update in an adapter")
+    spec.add_argument("adapter", help="a PEFT adapter folder or a run folder")
+    spec.add_argument("--json", action="store_true", help="print one JSON object")
+
+    gen = sub.add_parser("generate", help="generate from a model, optionally with an adapter")
+    gen.add_argument("model", help=model_help)
+    gen.add_argument("--adapter", help="a PEFT adapter folder or a run folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+
+    init = sub.add_parser("init-run", help="write a commented example run.yaml for the built-in demo")
+    init.add_argument("path", nargs="?", default="run.yaml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
 
 
@@ -206,13 +240,199 @@ def cmd_count(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from studio.core import runconfig
+
+    config = runconfig.load(args.run_file)
+    if args.max_steps is not None:
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
+        config.check()
+    from studio.core.engine import train
+
+    return _drive(lambda on_event, control: train(config, on_event, control, run_dir=args.run_dir))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from studio.core.engine import resume
+
+    return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
+
+
+def _drive(start: Any) -> int:
+    """Run the engine with a progress bar (ETA, loss in the bar); Ctrl-C stops cleanly with a checkpoint."""
+    import signal
+
+    from tqdm import tqdm
+
+    from studio.core import events as ev
+    from studio.core.engine import TrainControl
+
+    control = TrainControl()
+    bar: list[Any] = []
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, ev.RunStarted):
+            sys.stderr.write(f"run folder: {event.run_dir}\n{event.model} on {event.device}: "
+                             f"{event.counts['trainable']:,} trainable parameters, "
+                             f"{event.train_examples} training / {event.val_examples} validation examples\n")
+            bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True))
+        elif isinstance(event, ev.StepMetrics) and bar:
+            bar[0].set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", tok_s=f"{event.tokens_per_s:.0f}")
+            bar[0].update(event.step - bar[0].n)
+        elif isinstance(event, ev.EvalMetrics):
+            score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
+            _bar_write(bar, f"step {event.step}: validation loss {event.val_loss:.4f}{score}")
+        elif isinstance(event, ev.CheckpointSaved):
+            _bar_write(bar, f"checkpoint: {event.path}")
+        elif isinstance(event, ev.LogMessage) and event.level != "info":
+            _bar_write(bar, f"{event.level}: {event.text}")
+
+    previous = signal.signal(signal.SIGINT, lambda *_: control.request_stop())
+    try:
+        result = start(on_event, control)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar:
+            bar[0].close()
+    if isinstance(result, ev.Failed):
+        where = f" (last checkpoint: {result.checkpoint})" if result.checkpoint else ""
+        sys.stderr.write(f"lora-studio: {result.message}{where}\n")
+        return EXIT_USAGE
+    state = "stopped" if result.stopped_early else "finished"
+    score = f", score {result.final_score:.3f}" if result.final_score is not None else ""
+    print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{score}; adapter in {result.adapter_dir}")
+    return 0
+
+
+def _bar_write(bar: list[Any], text: str) -> None:
+    if bar:
+        bar[0].write(text, file=sys.stderr)
+    else:
+        sys.stderr.write(text + "\n")
+
+
+def _adapter_folder(path: str) -> str:
+    from pathlib import Path
+
+    folder = Path(path)
+    return str(folder / "adapter") if (folder / "run.yaml").is_file() else str(folder)
+
+
+def _base_of(source: str, given: str | None) -> str:
+    from pathlib import Path
+
+    from studio.core import runconfig
+    from studio.core.export import read_adapter_info
+
+    if given:
+        return given
+    if (Path(source) / "run.yaml").is_file():
+        return runconfig.load(Path(source) / "run.yaml").model.source
+    base = read_adapter_info(source).base_model
+    if not base:
+        raise StudioError(f"{source} does not say which base model it was trained on: pass --base MODEL")
+    return base
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from studio.core.export import export_run_adapter
+
+    out = args.out or str(Path(args.run_dir) / "export")
+    print(f"adapter written to {export_run_adapter(args.run_dir, out)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from studio.core.export import load_adapter, merge_and_save
+    from studio.core.models import open_model
+
+    base = _base_of(args.source, args.base)
+    loaded = open_model(base)
+    peft_model = load_adapter(loaded, _adapter_folder(args.source))
+    report = merge_and_save(peft_model, loaded.tokenizer, args.out, dtype=args.dtype,
+                            on_progress=lambda p: sys.stderr.write(f"{p.message}\n"))
+    for note in report.notes:
+        sys.stderr.write(f"note: {note}\n")
+    print(f"merged model written to {report.path} ({report.dtype}); max logit difference adapter vs merged "
+          f"{report.max_logit_diff:.2e}, as saved {report.saved_logit_diff:.2e}")
+    return 0
+
+
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from studio.core.spectrum import advise_ranks, read_adapter_spectra
+
+    spectra = read_adapter_spectra(_adapter_folder(args.adapter))
+    report = advise_ranks(spectra)
+    if args.json:
+        print(json.dumps({
+            "modules": [dict(name=s.name, rank=s.rank, values=list(s.values), effective_rank_90=s.effective_rank_90,
+                             effective_rank_95=s.effective_rank_95, top1_energy=s.top1_energy) for s in spectra],
+            "advice": [dict(name=a.name, rank=a.rank, effective_rank=a.effective_rank,
+                            suggested_rank=a.suggested_rank, verdict=a.verdict) for a in report.kinds],
+            "summary": report.summary,
+        }))
+        return 0
+    width = max((len(s.name) for s in spectra), default=10) + 2
+    for s in spectra:
+        top = " ".join(f"{v:.3g}" for v in s.values[:4])
+        print(f"  {s.name:<{width}} r={s.rank:<4} eff90={s.effective_rank_90:<4} eff95={s.effective_rank_95:<4} "
+              f"top1={100 * s.top1_energy:5.1f}%  σ: {top}")
+    print(report.summary)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from studio.core.export import load_adapter
+    from studio.core.models import open_model
+
+    loaded = open_model(args.model)
+    model = load_adapter(loaded, _adapter_folder(args.adapter)) if args.adapter else loaded.model
+    tokenizer = loaded.tokenizer
+    if tokenizer.chat_template and not args.raw:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_init_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from studio.core import runconfig
+    from studio.core.data import demo_spec
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise StudioError(f"{path} exists: pass --force to overwrite it")
+    demo = demo_spec()
+    runconfig.write_atomic(path, runconfig.EXAMPLE.format(train=demo.train_path, val=demo.val_path))
+    print(f"wrote {path}: run it with `lora-studio train {path}`")
+    return 0
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from studio.ui.app import run_gui
 
     return run_gui(args.model)
 
 
-COMMANDS = {"gui": cmd_gui, "inspect": cmd_inspect, "count": cmd_count}
+COMMANDS = {
+    "gui": cmd_gui, "inspect": cmd_inspect, "count": cmd_count, "train": cmd_train, "resume": cmd_resume,
+    "init-run": cmd_init_run, "export": cmd_export, "merge": cmd_merge, "spectrum": cmd_spectrum,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,6 +128,23 @@ def _vocab_resized(hf_model: Any) -> bool:
     return int(hf_model.get_input_embeddings().weight.shape[0]) != int(original)
 
 
+def export_run_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy a run's adapter (its final `adapter/`, else the newest checkpoint's) to `out_dir`, atomically."""
+    run = Path(run_dir).expanduser()
+    candidates = [run / "adapter"] + sorted(
+        (run / "checkpoints").glob("step-*/adapter"), key=lambda p: int(p.parent.name.split("-", 1)[1]), reverse=True
+    )
+    source = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+    if source is None:
+        raise ExportError(f"{run} holds no adapter yet: train it first, or pick a run folder")
+    read_adapter_info(source)  # refuse a half-written or foreign folder before copying it
+    with _atomic_folder(Path(out_dir).expanduser(), "adapter") as staging:
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+    return Path(out_dir).expanduser()
+
+
 # ---- read / load ---------------------------------------------------------------------------------------------
 
 def read_adapter_info(adapter_dir: str | Path) -> AdapterInfo:

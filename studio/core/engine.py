@@ -1,0 +1,553 @@
+"""The training loop: a LoRA run on accelerate, reading top to bottom.
+
+`train(config, on_event, control)` opens the model, wraps it with PEFT from the plan, prepares the data and
+runs AdamW with warmup and a cosine/linear schedule. It reports everything as typed events (events.py) and
+writes them to the run directory's metrics.jsonl as it goes. Between steps it honours stop and pause
+requests from `control`; both leave a checkpoint that `resume` continues exactly (adapter weights, optimizer,
+scheduler, RNG states and the data position, which is a function of the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import random
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from studio.core import events as ev
+from studio.core.errors import StudioError, TrainingError
+from studio.core.runconfig import RunConfig, dump, load, write_atomic
+
+EventCallback = Callable[[ev.Event], None]
+
+
+@dataclass
+class TrainControl:
+    """Flags a caller on another thread sets; the loop reads them between steps."""
+
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _pause: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_pause(self) -> None:
+        self._pause.set()
+
+    def resume(self) -> None:
+        self._pause.clear()
+        self._wake.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._pause.is_set()
+
+    def wait_while_paused(self) -> None:
+        while self._pause.is_set() and not self._stop.is_set():
+            self._wake.wait(0.1)
+            self._wake.clear()
+
+
+@dataclass
+class _RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    last_score: float | None = None
+
+
+class _Recorder:
+    """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing)."""
+
+    def __init__(self, run_dir: Path, on_event: EventCallback):
+        self.path = run_dir / "metrics.jsonl"
+        self.on_event = on_event
+        self.handle = self.path.open("a")
+
+    def __call__(self, event: ev.Event) -> None:
+        if not isinstance(event, ev.SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
+            self.handle.write(json.dumps(ev.to_record(event)) + "\n")
+            self.handle.flush()
+        else:
+            with (self.path.parent / "spectra.jsonl").open("a") as spectra:
+                spectra.write(json.dumps(ev.to_record(event)) + "\n")
+        self.on_event(event)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    name = config.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.model.source).stem or 'model'}"
+    run_dir = Path(config.output_dir) / name
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(config.output_dir) / f"{name}-{suffix}"
+    return run_dir
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    folder = Path(run_dir) / "checkpoints"
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()
+    ) if folder.is_dir() else []
+    return steps[-1][1] if steps else None
+
+
+def train(
+    config: RunConfig,
+    on_event: EventCallback | None = None,
+    control: TrainControl | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    loaded: Any | None = None,
+) -> ev.Finished | ev.Failed:
+    """Run (or resume) a training run. Returns the final event; never raises for user-caused problems.
+
+    `loaded`: an already opened LoadedModel to train; its `.model` becomes the PeftModel being trained (the base
+    is wrapped in place, so pass a copy you do not need unadapted). By default the engine opens
+    `config.model.source` itself. `resume_from`: a checkpoint folder (or a run folder: its latest checkpoint).
+    """
+    control = control or TrainControl()
+    emit_to_caller = on_event or (lambda _e: None)
+    if resume_from is not None:
+        checkpoint = Path(resume_from)
+        if (checkpoint / "run.yaml").is_file():
+            run_dir = checkpoint
+            checkpoint = latest_checkpoint(checkpoint)  # type: ignore[assignment]
+            if checkpoint is None:
+                failed = ev.Failed(f"{run_dir} has no checkpoint to resume from", 0)
+                emit_to_caller(failed)
+                return failed
+        run_dir = Path(run_dir or checkpoint.parent.parent)
+    else:
+        config = _with_absolute_paths(config)
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+        checkpoint = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            write_atomic(run_dir / "run.yaml", dump(config))
+        else:
+            _truncate_metrics(run_dir, _read_state(checkpoint).step)
+    except (OSError, StudioError) as exc:
+        failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
+        emit_to_caller(failed)
+        return failed
+
+    emit = _Recorder(run_dir, emit_to_caller)
+    state = _RunState()
+    try:
+        return _run(config, emit, control, run_dir, checkpoint, loaded, state)
+    except TrainingError as exc:
+        return _fail(emit, str(exc), state, run_dir)
+    except StudioError as exc:
+        return _fail(emit, str(exc), state, run_dir)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            return _fail(emit, f"the disk is full ({exc.filename or run_dir}): free space, then resume", state, run_dir)
+        return _fail(emit, f"cannot read or write {exc.filename or run_dir}: {exc.strerror or exc}", state, run_dir)
+    except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in the run folder, tell the user where
+        if _is_out_of_memory(exc):
+            message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
+                       "on gradient checkpointing, or load the base in 4-bit")
+            return _fail(emit, message, state, run_dir)
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {run_dir / 'error.log'}",
+                     state, run_dir)
+    finally:
+        emit.close()
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    """run.yaml must work from anywhere: store the data files' absolute paths."""
+    data = dict(config.data)
+    for key in ("train_path", "val_path"):
+        if data.get(key):
+            data[key] = str(Path(data[key]).expanduser().resolve())
+    return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).resolve()))
+
+
+def _fail(emit: _Recorder, message: str, state: _RunState, run_dir: Path) -> ev.Failed:
+    last = latest_checkpoint(run_dir)
+    failed = ev.Failed(message.splitlines()[0], state.step, str(last) if last else None)
+    emit(failed)
+    return failed
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _run(
+    config: RunConfig,
+    emit: _Recorder,
+    control: TrainControl,
+    run_dir: Path,
+    checkpoint: Path | None,
+    loaded: Any | None,
+    state: _RunState,
+) -> ev.Finished | ev.Failed:
+    import torch
+    from accelerate import Accelerator
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from studio.core import data as datamod
+    from studio.core import inventory, spectrum
+    from studio.core.plan import LoraPlan, count, to_peft_config, validate
+
+    t = config.training
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
+    _seed_everything(t.seed)
+
+    # -- model and plan
+    if loaded is None:
+        from studio.core.models import open_model
+
+        emit(ev.LogMessage(f"Opening {config.model.source}"))
+        loaded = open_model(
+            config.model.source, task=config.model.task, num_labels=config.model.num_labels,  # type: ignore[arg-type]
+            dtype=config.model.dtype, device=str(accelerator.device), quantization=config.model.quantization,  # type: ignore[arg-type]
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    if loaded.plan_only:
+        raise TrainingError(f"{loaded.display_name} was opened from a config only: training needs its weights")
+    tree = inventory.build(loaded.model, config.model.task)
+    plan_fields = dict(config.plan)
+    plan_fields["targets"] = tuple(inventory.select(tree, plan_fields["targets"]))
+    plan = LoraPlan.from_dict(plan_fields)
+    validate(tree, plan)
+    counts = count(tree, plan)
+    model = loaded.model
+    if loaded.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, to_peft_config(plan, tree))
+    loaded.model = peft_model  # the caller's LoadedModel now holds the trained adapter model
+
+    # -- data
+    tokenizer = loaded.tokenizer
+    spec = datamod.DataSpec.from_dict(config.data)
+    prepared = datamod.prepare(spec, tokenizer)
+    for bad in prepared.bad_rows[:20]:
+        emit(ev.LogMessage(f"skipped {bad.file} row {bad.row}: {bad.reason}", "warning"))
+    if not prepared.train:
+        raise TrainingError("the training set is empty after formatting: check the file and the column mapping")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # -- optimizer and schedule
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, t, device)
+    from transformers import get_scheduler
+
+    warmup = int(round(t.warmup_ratio * t.max_steps))
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+
+    if checkpoint is not None:
+        _load_checkpoint(checkpoint, accelerator.unwrap_model(peft_model), optimizer, scheduler, state)
+    emit(ev.RunStarted(
+        run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
+        counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),
+        total_steps=t.max_steps, start_step=state.step,
+    ))
+    if checkpoint is not None:
+        emit(ev.Resumed(state.step))
+
+    micro_per_step = t.gradient_accumulation
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch = max(1, len(prepared.train) // (t.batch_size * world))
+    trainable = accelerator.unwrap_model(peft_model)
+    is_cuda = accelerator.device.type == "cuda"
+    is_lm = prepared.format != "classification"
+
+    def micro_batches(step: int) -> list[dict[str, Any]]:
+        """The micro-batches of optimizer step `step`: a pure function of (seed, step), so resume is exact."""
+        out = []
+        for micro in range(micro_per_step):
+            index = step * micro_per_step + micro
+            epoch, position = divmod(index, batches_per_epoch)
+            order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(t.seed + epoch))
+            start = (position * world + rank) * t.batch_size
+            picked = [prepared.train[int(i)] for i in order[start:start + t.batch_size]]
+            out.append(datamod.collate(picked, pad_id))
+        return out
+
+    spectrum_next = state.step
+    while state.step < t.max_steps:
+        if control.stop_requested:
+            return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=True)
+        if control.pause_requested:
+            path = _save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
+            emit(ev.CheckpointSaved(state.step, str(path)))
+            emit(ev.Paused(state.step, str(path)))
+            control.wait_while_paused()
+            if not control.stop_requested:
+                emit(ev.Resumed(state.step))
+            continue
+
+        started = time.perf_counter()
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        peft_model.train()
+        batches = micro_batches(state.step)
+        # the model shifts labels by one, so the first position of each row never counts
+        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) if is_lm else 0
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches)  # packed batches carry position_ids instead of a mask
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
+                with accelerator.autocast():
+                    loss = _step_loss(peft_model, batch, label_tokens, len(batches), is_lm)
+                accelerator.backward(loss)
+            loss_sum += float(loss.detach())
+        grad_norm = _clip(accelerator, params, t.max_grad_norm)
+        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+            raise TrainingError(
+                f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
+                f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += tokens * world
+        step_time = time.perf_counter() - started
+        state.elapsed_s += step_time
+        state.last_loss = loss_sum
+        per_step = state.elapsed_s / state.step
+        emit(ev.StepMetrics(
+            step=state.step, total_steps=t.max_steps, epoch=state.step * micro_per_step / batches_per_epoch,
+            loss=loss_sum, lr=float(scheduler.get_last_lr()[0]), grad_norm=grad_norm,
+            tokens_per_s=tokens * world / step_time if step_time > 0 else 0.0, tokens_seen=state.tokens_seen,
+            elapsed_s=state.elapsed_s, eta_s=per_step * (t.max_steps - state.step),
+            gpu_mem_bytes=int(torch.cuda.max_memory_allocated(accelerator.device)) if is_cuda else None,
+        ))
+        if t.spectrum_every and state.step >= spectrum_next:
+            emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
+            spectrum_next = state.step + t.spectrum_every
+        if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
+            _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+        if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
+            path = _save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
+            emit(ev.CheckpointSaved(state.step, str(path)))
+
+    if prepared.val:
+        _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+    if t.spectrum_every:
+        emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
+    return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=False)
+
+
+def _step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool) -> Any:
+    """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
+    # use_cache=False: with a cache, transformers ignores packed position_ids and lets packed examples attend
+    if is_lm:
+        return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+    return model(**batch).loss / micro
+
+
+def _clip(accelerator: Any, params: list[Any], max_norm: float) -> float:
+    import torch
+
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def _optimizer(params: list[Any], t: Any, device: str) -> Any:
+    import torch
+
+    if t.optimizer == "adamw-8bit":
+        if not device.startswith("cuda"):
+            raise TrainingError("8-bit AdamW needs a CUDA GPU (bitsandbytes): use optimizer adamw on this machine")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                             fused=device.startswith("cuda"))
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _evaluate(emit: _Recorder, model: Any, tokenizer: Any, prepared: Any, t: Any, pad_id: int,
+              state: _RunState, accelerator: Any) -> None:
+    """Validation loss (token-weighted over the whole split) and the task score on a bounded sample."""
+    import torch
+
+    from studio.core import data as datamod
+    from studio.core import evaluation
+
+    if not prepared.val:
+        return
+    model.eval()
+    total, weight = 0.0, 0
+    with torch.no_grad(), accelerator.autocast():
+        for start in range(0, len(prepared.val), t.batch_size):
+            batch = datamod.collate(prepared.val[start:start + t.batch_size], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss = model(**batch, use_cache=False).loss if "position_ids" in batch else model(**batch).loss
+            is_lm = prepared.format != "classification"
+            n = int((batch["labels"][:, 1:] != -100).sum()) if is_lm else int(batch["labels"].numel())
+            total += float(loss) * n
+            weight += n
+    state.last_val_loss = total / max(1, weight)
+    score = evaluation.score(model, tokenizer, prepared, limit=t.eval_examples) if t.eval_examples else None
+    if score is not None:
+        state.last_score = score.score
+    emit(ev.EvalMetrics(state.step, state.last_val_loss, score.score if score else None,
+                        score.name if score else None))
+    model.train()
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: _RunState,
+                     keep: int, config: RunConfig) -> Path:
+    """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
+    Written into a temporary folder and renamed, so a checkpoint folder is always complete."""
+    import numpy as np
+    import torch
+
+    from studio.core.export import save_adapter
+
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step-{state.step}"
+    staging = folder / f".step-{state.step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, staging / "rng.pt")
+    (staging / "trainer_state.json").write_text(json.dumps({
+        "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
+        "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
+    }))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    if keep > 0:
+        steps = sorted((int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*"))
+        for _, old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _read_state(checkpoint: Path) -> _RunState:
+    data = json.loads((checkpoint / "trainer_state.json").read_text())
+    return _RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
+                     last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
+                     last_score=data.get("last_score"))
+
+
+def _load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: _RunState) -> None:
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    loaded = _read_state(checkpoint)
+    for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score"):
+        setattr(state, name, getattr(loaded, name))
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the curves continue without duplicates."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= step and record.get("event") not in ("Finished", "Failed"):
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _finish(emit: _Recorder, model: Any, tokenizer: Any, run_dir: Path, state: _RunState, config: RunConfig,
+            optimizer: Any, scheduler: Any, *, stopped: bool) -> ev.Finished:
+    from studio.core.export import save_adapter
+
+    if stopped and state.step > 0:
+        path = _save_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints, config)
+        emit(ev.CheckpointSaved(state.step, str(path)))
+    adapter_dir = run_dir / "adapter"
+    save_adapter(model, adapter_dir, base_model_spec=config.model.source)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    finished = ev.Finished(
+        step=state.step, run_dir=str(run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
+        final_loss=state.last_loss, final_val_loss=state.last_val_loss, final_score=state.last_score,
+    )
+    emit(finished)
+    return finished
+
+
+def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: TrainControl | None = None,
+           *, max_steps: int | None = None) -> ev.Finished | ev.Failed:
+    """Continue a run from its latest checkpoint (optionally with a new step budget)."""
+    config = load(Path(run_dir) / "run.yaml")
+    if max_steps is not None:
+        config = replace(config, training=replace(config.training, max_steps=max_steps))
+    return train(config, on_event, control, resume_from=run_dir)

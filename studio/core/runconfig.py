@@ -1,0 +1,209 @@
+"""The run file: everything a training run needs (model, plan, data, hyperparameters), as the GUI saves it and
+`lora-studio train run.yaml` runs it. Loaded with clear one-line errors naming the field that is wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from studio.core.errors import RunConfigError, StudioError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = "default"
+    task: str = "causal-lm"
+    num_labels: int = 2
+    dtype: str | None = None  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: the first CUDA GPU when there is one
+    quantization: str | None = None  # 4bit / 8bit (QLoRA), CUDA only
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    learning_rate: float = 2e-4
+    max_steps: int = 100  # optimizer steps; epochs are derived from it
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # cosine / linear / constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw / adamw-8bit (CUDA)
+    precision: str = "auto"  # auto / no / bf16 / fp16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 25  # steps; 0 turns evaluation off until the end
+    eval_examples: int = 64  # validation examples scored by generation (exact match) per evaluation
+    save_every: int = 50  # steps between checkpoints; 0 keeps only the final adapter
+    spectrum_every: int = 10  # steps between spectrum snapshots; 0 turns them off
+    keep_checkpoints: int = 2  # older checkpoints are removed, the newest kept
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    plan: dict[str, Any] = field(default_factory=dict)  # LoraPlan fields; `targets` may be a preset or spec
+    data: dict[str, Any] = field(default_factory=dict)  # DataSpec fields
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: a timestamp and the model's name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        if not isinstance(data, Mapping):
+            raise RunConfigError("a run file must be a mapping with model, plan, data and training sections")
+        _reject_unknown("run file", data, {f.name for f in dataclasses.fields(cls)})
+        model = _section(ModelConfig, data.get("model") or {}, "model")
+        training = _section(TrainingConfig, data.get("training") or {}, "training")
+        plan = dict(data.get("plan") or {})
+        if not plan.get("targets"):
+            raise RunConfigError("plan.targets is missing: name a preset (all-linear, attention, ...) or modules")
+        if not (data.get("data") or {}).get("train_path"):
+            raise RunConfigError("data.train_path is missing: the training file to read")
+        config = cls(
+            model=model,
+            plan=plan,
+            data=dict(data["data"]),
+            training=training,
+            output_dir=str(data.get("output_dir") or "runs"),
+            run_name=data.get("run_name"),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        t = self.training
+        _require(t.learning_rate > 0, "training.learning_rate must be positive")
+        _require(t.max_steps >= 1, "training.max_steps must be at least 1")
+        _require(t.batch_size >= 1, "training.batch_size must be at least 1")
+        _require(t.gradient_accumulation >= 1, "training.gradient_accumulation must be at least 1")
+        _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
+        _require(t.schedule in ("cosine", "linear", "constant"), "training.schedule: use cosine, linear or constant")
+        _require(t.optimizer in ("adamw", "adamw-8bit"), "training.optimizer: use adamw or adamw-8bit")
+        _require(t.precision in ("auto", "no", "bf16", "fp16"), "training.precision: use auto, no, bf16 or fp16")
+        _require(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 turns clipping off)")
+        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples"):
+            _require(getattr(t, name) >= 0, f"training.{name} must be >= 0")
+        _require(self.model.task in ("causal-lm", "seq-cls"), "model.task: use causal-lm or seq-cls")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RunConfigError(message)
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RunConfigError(f"unknown field(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise RunConfigError(f"`{where}` must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(where, data, set(fields))
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise RunConfigError(f"{where}.{name} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            try:
+                value = type(default)(value)
+            except (TypeError, ValueError):
+                raise RunConfigError(f"{where}.{name} must be a number, got {value!r}") from None
+        values[name] = value
+    return cls(**values)
+
+
+def load(path: str | Path) -> RunConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RunConfigError(f"cannot read the run file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RunConfigError(f"{path} is not valid YAML{where}") from exc
+    config = RunConfig.from_dict(data or {})
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Relative data and output paths in a run file are relative to the file, not to the current folder."""
+    data = dict(config.data)
+    for key in ("train_path", "val_path"):
+        if data.get(key) and not Path(data[key]).is_absolute() and (base / data[key]).exists():
+            data[key] = str((base / data[key]).resolve())
+    output = config.output_dir if Path(config.output_dir).is_absolute() else str((base / config.output_dir).resolve())
+    return dataclasses.replace(config, data=data, output_dir=output)
+
+
+def dump(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text to `path` through a temporary file in the same folder and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StudioError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def save(config: RunConfig, path: str | Path) -> None:
+    write_atomic(path, dump(config))
+
+
+EXAMPLE = """\
+# A LoRA Studio run: `lora-studio train run.yaml`. Paths are relative to this file.
+model:
+  source: default            # default (SmolLM2-135M-Instruct), a folder, a .gguf, or a hub id
+  task: causal-lm            # causal-lm or seq-cls (then set num_labels)
+  device: auto               # auto picks the first CUDA GPU, else the CPU
+  quantization: null         # 4bit for QLoRA (CUDA + bitsandbytes)
+plan:
+  targets: all-linear        # a preset (attention, mlp, all-linear, peft-default) or q_proj,v_proj ...
+  rank: 8
+  alpha: 16
+  dropout: 0.05
+  variant: lora              # lora, rslora or dora
+data:
+  train_path: {train}
+  val_path: {val}
+  format: instruction        # auto, text, instruction, chat or classification
+  max_length: 128
+training:
+  learning_rate: 0.002
+  max_steps: 60
+  batch_size: 8
+  eval_every: 20
+  save_every: 20
+  spectrum_every: 10
+output_dir: runs
+"""
