@@ -1,0 +1,132 @@
+"""Training speed of the studio's engine beside HF Trainer + PEFT, measured in the same run (GPU machine).
+
+Workload of ../shared/bench/hf_peft_baseline.py: a random-init Llama-3.2-1B-shaped model, LoRA r=16 on all
+linear layers, sequence 1024, batch 8, bf16, SDPA. Prints tokens/s, peak memory, the ratio against the
+baseline, and the memory estimate beside the measured peak.
+
+    python bench/bench_engine.py --baseline PATH/hf_peft_baseline.py --tokenizer TOKENIZER_DIR [--steps 30]
+
+TOKENIZER_DIR is any HF tokenizer folder whose ids stay below the model's vocabulary (the built-in model's
+converted folder in ~/.cache/lora-studio/gguf/ works). Not a timed test: the numbers only mean something as a
+ratio against the baseline printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
+             rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+def build_model_folder(tokenizer_dir: str, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for item in Path(tokenizer_dir).iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy2(item, folder / item.name)
+
+
+def write_text_data(tokenizer_dir: str, path: Path, rows: int, seq: int) -> None:
+    """Documents longer than `seq` tokens, so every example is truncated to exactly `seq` tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(0)
+    words = [w for w in (tokenizer.decode([i]).strip() for i in range(1000, 6000)) if w.isalpha()]
+    with path.open("w") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(int(seq * 1.5)))}) + "\n")
+
+
+def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int) -> dict:
+    from studio.core import events as ev
+    from studio.core.engine import train
+    from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
+
+    config = RunConfig(
+        model=ModelConfig(source=str(folder), device="cuda", dtype="bfloat16"),
+        plan={"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
+        data={"train_path": str(data), "format": "text", "max_length": seq},
+        training=TrainingConfig(max_steps=steps, batch_size=batch, learning_rate=2e-4, eval_every=0,
+                                save_every=0, spectrum_every=0, precision="bf16"),
+        output_dir=str(out),
+    )
+    events: list = []
+    result = train(config, events.append)
+    if isinstance(result, ev.Failed):
+        raise SystemExit(f"engine failed: {result.message}")
+    steps_ = [e for e in events if isinstance(e, ev.StepMetrics)][5:]
+    started = next(e for e in events if isinstance(e, ev.RunStarted))
+    return {
+        "tokens_per_s": statistics.median(e.tokens_per_s for e in steps_),
+        "peak_mem_gib": max(e.gpu_mem_bytes for e in steps_) / 2**30,
+        "trainable": started.counts["trainable"],
+    }
+
+
+def estimate_gib(folder: Path, seq: int, batch: int) -> float:
+    from studio.core import inventory, memory
+    from studio.core.models import open_model
+    from studio.core.plan import LoraPlan
+
+    loaded = open_model(str(folder), plan_only=True)
+    tree = inventory.build(loaded.model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32, dropout=0.0)
+    return memory.estimate(tree, plan, batch_size=batch, seq_len=seq).allocated / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="path to hf_peft_baseline.py")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    folder, data = work / "model", work / "train.jsonl"
+    build_model_folder(args.tokenizer, folder)
+    write_text_data(args.tokenizer, data, rows=args.batch * (args.steps + 2), seq=args.seq)
+
+    env = dict(os.environ, SEQ=str(args.seq), BS=str(args.batch), STEPS=str(args.steps), OUT=str(work))
+    # The baseline script runs unchanged. `datasets` fingerprints a new Dataset by pickling its Arrow table with
+    # dill, which fails on some Python 3.12 + pyarrow builds (MonthDayNano); a random fingerprint skips that
+    # hashing, which happens before training and is not part of what is timed.
+    launcher = (
+        "import runpy, sys, datasets.arrow_dataset as a, datasets.fingerprint as f\n"
+        "a.generate_fingerprint = lambda dataset: f.generate_random_fingerprint()\n"
+        f"sys.argv = [{args.baseline!r}, 'lora']\n"
+        f"runpy.run_path({args.baseline!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", launcher], env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"baseline failed:\n{done.stderr[-3000:]}")
+    baseline = json.loads(lines[-1])
+    ours = run_engine(folder, data, work / "runs", args.steps, args.seq, args.batch)
+    estimate = estimate_gib(folder, args.seq, args.batch)
+    ratio = ours["tokens_per_s"] / baseline["tokens_per_s"]
+    print(f"HF Trainer + PEFT : {baseline['tokens_per_s']:>9,.0f} tokens/s, peak {baseline['peak_mem_gib']:.1f} GiB")
+    print(f"LoRA Studio engine: {ours['tokens_per_s']:>9,.0f} tokens/s, peak {ours['peak_mem_gib']:.1f} GiB")
+    print(f"ratio (engine / baseline): {ratio:.2f}x speed, {ours['peak_mem_gib'] / baseline['peak_mem_gib']:.2f}x memory")
+    print(f"memory estimate {estimate:.1f} GiB vs measured peak {ours['peak_mem_gib']:.1f} GiB")
+    print(json.dumps({"baseline": baseline, "engine": ours, "ratio": ratio, "estimate_gib": estimate}))
+
+
+if __name__ == "__main__":
+    main()
