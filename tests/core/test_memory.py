@@ -14,7 +14,7 @@ def test_estimate_parts_follow_the_plan_and_precision(default_model):
     assert bf16.weights == tree.total_params * 2
     assert bf16.adapter == bf16.gradients == trainable * 4 and bf16.optimizer == trainable * 8
     assert nf4.weights < bf16.weights * 0.7  # the linear layers shrink ~4x; embeddings stay 16-bit
-    assert checkpointed.activations < bf16.activations / 3
+    assert checkpointed.activations < bf16.activations / 2  # the logits are not checkpointed
     assert bf16.total == sum(value for _, value in bf16.parts())
     bigger = memory.estimate(tree, plan, batch_size=8, seq_len=512)
     assert bigger.activations == 2 * bf16.activations
