@@ -241,9 +241,12 @@ def _run(
     if loaded.plan_only:
         raise TrainingError(f"{loaded.display_name} was opened from a config only: training needs its weights")
     tree = inventory.build(loaded.model, config.model.task)
-    plan_fields = dict(config.plan)
-    plan_fields["targets"] = tuple(inventory.select(tree, plan_fields["targets"]))
-    plan = LoraPlan.from_dict(plan_fields)
+    if config.model.adapter:
+        plan = _plan_of_adapter(tree, config.model.adapter)
+    else:
+        plan_fields = dict(config.plan)
+        plan_fields["targets"] = tuple(inventory.select(tree, plan_fields["targets"]))
+        plan = LoraPlan.from_dict(plan_fields)
     validate(tree, plan)
     counts = count(tree, plan)
     model = loaded.model
@@ -252,7 +255,12 @@ def _run(
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, to_peft_config(plan, tree))
+    if config.model.adapter:
+        from studio.core.export import load_adapter
+
+        peft_model = load_adapter(loaded, config.model.adapter, trainable=True)
+    else:
+        peft_model = get_peft_model(model, to_peft_config(plan, tree))
     loaded.model = peft_model  # the caller's LoadedModel now holds the trained adapter model
 
     # -- data
@@ -379,6 +387,29 @@ def _step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int,
     if is_lm:
         return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
     return model(**batch).loss / micro
+
+
+def _plan_of_adapter(tree: Any, adapter_dir: str) -> Any:
+    """The plan an existing adapter embodies (its modules, ranks and alpha), for counts and the run's records."""
+    from safetensors import safe_open
+
+    from studio.core.export import read_adapter_info
+    from studio.core.plan import LoraPlan
+
+    info = read_adapter_info(adapter_dir)  # raises ExportError for a folder that is not a LoRA adapter
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    ranks: dict[str, int] = {}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="np") as weights:
+        for key in weights.keys():
+            for marker in (".lora_A.weight", ".lora_embedding_A"):
+                if key.endswith(marker):
+                    name = key[: -len(marker)].removeprefix("base_model.model.")
+                    ranks[name] = int(weights.get_slice(key).get_shape()[0])
+    targets = tuple(name for name in tree.modules if name in ranks)
+    overrides = {name: r for name, r in ranks.items() if r != info.r and name in tree}
+    return LoraPlan(targets=targets, rank=info.r, alpha=info.alpha, rank_overrides=overrides,
+                    dropout=float(config.get("lora_dropout", 0.0)), bias=config.get("bias", "none"),
+                    variant=info.variant, modules_to_save=tuple(config.get("modules_to_save") or ()))
 
 
 def _clip(accelerator: Any, params: list[Any], max_norm: float) -> float:

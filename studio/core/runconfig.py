@@ -22,6 +22,7 @@ class ModelConfig:
     device: str = "auto"  # auto: the first CUDA GPU when there is one
     quantization: str | None = None  # 4bit / 8bit (QLoRA), CUDA only
     trust_remote_code: bool = False
+    adapter: str | None = None  # an existing PEFT adapter to continue training (its targets and ranks win)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class RunConfig:
         model = _section(ModelConfig, data.get("model") or {}, "model")
         training = _section(TrainingConfig, data.get("training") or {}, "training")
         plan = dict(data.get("plan") or {})
-        if not plan.get("targets"):
+        if not plan.get("targets") and not model.adapter:
             raise RunConfigError("plan.targets is missing: name a preset (all-linear, attention, ...) or modules")
         if not (data.get("data") or {}).get("train_path"):
             raise RunConfigError("data.train_path is missing: the training file to read")
@@ -151,7 +152,10 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         if data.get(key) and not Path(data[key]).is_absolute() and (base / data[key]).exists():
             data[key] = str((base / data[key]).resolve())
     output = config.output_dir if Path(config.output_dir).is_absolute() else str((base / config.output_dir).resolve())
-    return dataclasses.replace(config, data=data, output_dir=output)
+    model = config.model
+    if model.adapter and not Path(model.adapter).is_absolute() and (base / model.adapter).exists():
+        model = dataclasses.replace(model, adapter=str((base / model.adapter).resolve()))
+    return dataclasses.replace(config, data=data, output_dir=output, model=model)
 
 
 def dump(config: RunConfig) -> str:
@@ -187,6 +191,7 @@ model:
   task: causal-lm            # causal-lm or seq-cls (then set num_labels)
   device: auto               # auto picks the first CUDA GPU, else the CPU
   quantization: null         # 4bit for QLoRA (CUDA + bitsandbytes)
+  adapter: null              # a PEFT adapter folder to keep training (then its targets and ranks are used)
 plan:
   targets: all-linear        # a preset (attention, mlp, all-linear, peft-default) or q_proj,v_proj ...
   rank: 8

@@ -209,3 +209,20 @@ def test_classification_on_minilm_saves_the_head_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, trained(**batch).logits, atol=1e-5)
         assert reloaded.base_model.model.classifier.modules_to_save["default"].weight.abs().sum() > 0
+
+
+def test_a_new_run_continues_training_an_exported_adapter(fresh_default_model, tiny_data, tmp_path):
+    first: list = []
+    done = train(config_for(tiny_data, tmp_path / "a", save_every=0, spectrum_every=0), collect(first),
+                 loaded=fresh_default_model)
+    assert isinstance(done, ev.Finished)
+    config = config_for(tiny_data, tmp_path / "b", max_steps=2, save_every=0, spectrum_every=0)
+    config = RunConfig(model=ModelConfig(source="default", device="cpu", adapter=done.adapter_dir),
+                       plan={}, data=config.data, training=config.training, output_dir=config.output_dir)
+    second: list = []
+    result = train(config, collect(second))
+    assert isinstance(result, ev.Finished), result
+    started = next(e for e in second if isinstance(e, ev.RunStarted))
+    assert started.counts["trainable"] == next(e for e in first if isinstance(e, ev.RunStarted)).counts["trainable"]
+    # it starts where the first run ended, not from a fresh (zero) adapter
+    assert steps_of(second)[0].loss < steps_of(first)[0].loss * 0.8
