@@ -12,7 +12,8 @@ gradient checkpointing only each layer's
 input (h values per token) is kept, plus one layer's full activations while it is recomputed.
 
 Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): the
-measured peak was 28.5 GiB; this estimate said 21.3 GiB before the log-softmax term was counted.
+measured peak was 28.5 GiB; this estimate says 25.3 GiB allocated (21.3 GiB before the log-softmax term
+was counted).
 
 It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
 allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
