@@ -2,6 +2,12 @@
 the GUI shows it in a dialog. Anything that is not a StudioError is a bug and keeps its traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): what a one-line error can quote."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
 class StudioError(Exception):
     """Base of every user-facing error."""
 

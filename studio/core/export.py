@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from studio.core.errors import ExportError, StudioError
+from studio.core.errors import ExportError, StudioError, first_line
 from studio.core.models import LoadedModel, resolve_source
 from studio.core.plan import Variant
 
@@ -164,7 +164,7 @@ def _read_adapter(path: Path) -> tuple[AdapterInfo, dict[str, tuple[int, ...]]]:
     try:
         data = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{config_file} is not readable JSON: {_first_line(exc)}") from exc
+        raise ExportError(f"{config_file} is not readable JSON: {first_line(exc)}") from exc
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
         kind = data.get("peft_type") if isinstance(data, dict) else None
         raise ExportError(f"{path} holds a {kind or 'unknown'} adapter, not a LoRA adapter (all LoRA Studio loads)")
@@ -203,7 +203,7 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
         return {key: tuple(tensor.shape) for key, tensor in state.items()}
     except Exception as exc:  # noqa: BLE001 - safetensors and torch raise many types for a damaged file
-        raise ExportError(f"{weights} is damaged or not a weights file: {_first_line(exc)}") from exc
+        raise ExportError(f"{weights} is damaged or not a weights file: {first_line(exc)}") from exc
 
 
 def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, *, trainable: bool = False) -> Any:
@@ -231,7 +231,7 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, *, trainable: boo
         peft_model = PeftModel.from_pretrained(loaded.model, str(path), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         _remove_adapter_layers(loaded.model)
-        raise ExportError(f"cannot load the adapter {path}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot load the adapter {path}: {first_line(exc)}") from exc
     wrapped = {name for name, module in loaded.model.named_modules() if isinstance(module, BaseTunerLayer)}
     missing = sorted(wrapped - _adapted_modules(shapes))
     if missing:
@@ -444,7 +444,7 @@ def _merged_module(name: str, wrapper: Any) -> Any:
             return clone.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
         clone.merge(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN/inf in the merged weights
-        raise ExportError(f"cannot merge {name}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot merge {name}: {first_line(exc)}") from exc
     return clone.get_base_layer()
 
 
@@ -530,12 +530,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 def _write_failure(exc: BaseException) -> str | None:
     """The reason a write failed, in words, or None when `exc` is not a write failure (a bug keeps its trace)."""
     if isinstance(exc, OSError):
-        reason = exc.strerror or _first_line(exc)
+        reason = exc.strerror or first_line(exc)
         return f"{reason} (free some space or choose another folder)" if exc.errno == errno.ENOSPC else reason
     io_error = re.search(r"I/O error: (.+)", str(exc))  # safetensors reports OS errors inside its own type
     return io_error.group(1) if type(exc).__name__ == "SafetensorError" and io_error else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-from studio.core.errors import DataError
+from studio.core.errors import DataError, first_line
 
 Format = Literal["text", "instruction", "chat", "classification"]
 FORMATS: tuple[Format, ...] = ("text", "instruction", "chat", "classification")
@@ -225,7 +225,7 @@ class RowFormatter:
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # noqa: BLE001 - templates raise jinja errors of their own (e.g. role order)
-            raise RowProblem(f"the chat template rejects this conversation: {_first_line(exc)}") from exc
+            raise RowProblem(f"the chat template rejects this conversation: {first_line(exc)}") from exc
 
     def _render_chat(self, messages: list[dict[str, str]]) -> Rendered:
         full = self._apply_template(messages, add_generation_prompt=False)
@@ -310,8 +310,3 @@ def plain_instruction_prompt(prompt: str, extra: str = "") -> str:
     if extra.strip():
         head += PLAIN_INPUT.format(input=extra)
     return head + PLAIN_RESPONSE
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from studio.core.errors import ModelSourceError
+from studio.core.errors import ModelSourceError, first_line
 
 SourceKind = Literal["default", "folder", "gguf", "hub", "config"]
 Task = Literal["causal-lm", "seq-cls"]
@@ -203,7 +203,7 @@ def open_model(
     try:
         model = _auto_class(task).from_pretrained(folder, **_task_kwargs(task, num_labels), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot load the weights of {src.display_name}: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot load the weights of {src.display_name}: {first_line(exc)}") from exc
     if quantization is None:
         model.to(device)
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
@@ -248,11 +248,6 @@ def _task_kwargs(task: Task, num_labels: int) -> dict[str, Any]:
     return {"num_labels": num_labels} if task == "seq-cls" else {}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def _open_plan_only(
     src: ModelSource, task: Task, num_labels: int, trust_remote_code: bool, report: ProgressCallback
 ) -> LoadedModel:
@@ -270,7 +265,7 @@ def _open_plan_only(
         else:
             config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot read the configuration of {src.display_name}: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot read the configuration of {src.display_name}: {first_line(exc)}") from exc
     if task == "seq-cls":
         config.num_labels = num_labels
     report(LoadProgress("build", 0.6, "Building the module tree on the meta device"))
@@ -280,7 +275,7 @@ def _open_plan_only(
         with torch.device("meta"), no_init_weights():
             model = _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot build {src.display_name} from its config: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot build {src.display_name} from its config: {first_line(exc)}") from exc
     model.tie_weights()  # skipped under no_init_weights; tied embeddings must count once, as with real weights
     report(LoadProgress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -293,14 +288,18 @@ def _config_from_json(path: Path, trust_remote_code: bool) -> Any:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(f"{path} is not a readable JSON file: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"{path} is not a readable JSON file: {first_line(exc)}") from exc
     model_type = data.pop("model_type", None) if isinstance(data, dict) else None
     if not model_type:
         raise ModelSourceError(f"{path} has no `model_type`, so the architecture is unknown")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
-        raise ModelSourceError(f"{path}: unknown model_type {model_type!r}") from exc
+        if "Unrecognized model" in str(exc):
+            raise ModelSourceError(f"{path}: unknown model_type {model_type!r}") from exc
+        raise ModelSourceError(f"{path} is not a valid {model_type} config: {first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - config classes validate fields with their own error types
+        raise ModelSourceError(f"{path} is not a valid {model_type} config: {first_line(exc)}") from exc
 
 
 def _weights_folder(src: ModelSource, trust_remote_code: bool, report: ProgressCallback) -> tuple[str, str]:
@@ -351,7 +350,7 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool, report: ProgressCallbac
             str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelSourceError(f"cannot read {gguf.name} as a GGUF model: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot read {gguf.name} as a GGUF model: {first_line(exc)}") from exc
     # The weights are plain float tensors now; forget the GGUF "quantizer" so the model can be saved and merged.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -367,7 +366,7 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool, report: ProgressCallbac
         staging.rename(target)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ModelSourceError(f"cannot write the converted model to {target.parent}: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot write the converted model to {target.parent}: {first_line(exc)}") from exc
     return target
 
 
@@ -377,7 +376,7 @@ def _load_tokenizer(folder: str, src: ModelSource, trust_remote_code: bool) -> A
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot read the tokenizer of {src.display_name}: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"cannot read the tokenizer of {src.display_name}: {first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
