@@ -21,24 +21,32 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QProgressBar,
+    QScrollArea,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from studio.core.events import Failed, Finished, ModuleSpectrum
 from studio.core.models import LoadProgress
+from studio.ui.adapter_actions import AdapterActions
 from studio.ui.adapter_panel import AdapterPanel
+from studio.ui.data_panel import DataPanel
 from studio.ui.model_loader import OpenedModel, load_model
 from studio.ui.model_summary import ModelSummary
 from studio.ui.module_tree_panel import ModuleTreePanel
 from studio.ui.plan_state import PlanState
+from studio.ui.playground import Playground
+from studio.ui.runs_panel import RunsPanel
+from studio.ui.spectrum_panel import SpectrumPanel
+from studio.ui.train_panel import TrainPanel
 from studio.ui.units import human_count
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 ORGANIZATION = "LoRA Studio"
 APPLICATION = "lora-studio"
 MAX_RECENT = 8
-TREE_WIDTH, ADAPTER_WIDTH = 600, 420  # first-run dock widths; afterwards the saved window state wins
+TREE_WIDTH, ADAPTER_WIDTH = 520, 380  # first-run dock widths (the work panels take the middle); then saved state
 FIRST_PRESET = "peft-default"  # what PEFT itself would target without target_modules
 BANNER_STYLE = "background: #fff4ce; color: #5c4400; border: 1px solid #e0c46c; padding: 6px;"
 log = logging.getLogger(__name__)
@@ -67,7 +75,17 @@ class MainWindow(QMainWindow):
         self.summary = ModelSummary()
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
-        self.add_panel(self.summary, "Model")
+        self.data_panel = DataPanel(settings)
+        self.train_panel = TrainPanel(self.plan_state, self.data_panel.spec, settings)
+        self.spectrum_panel = SpectrumPanel()
+        self.runs_panel = RunsPanel(self.train_panel.runs_dir)
+        self.playground = Playground()
+        for panel, title in ((self.summary, "Model"), (self.data_panel, "Data"), (self.train_panel, "Train"),
+                             (self.spectrum_panel, "Spectrum"), (self.runs_panel, "Runs"),
+                             (self.playground, "Playground")):
+            self.add_panel(panel, title)
+        self.close_question: QMessageBox | None = None
+        self._close_after_stop = False
         self.plan_banner = QLabel()
         self.plan_banner.setWordWrap(True)
         self.plan_banner.setStyleSheet(BANNER_STYLE)
@@ -90,6 +108,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addWidget(self.status_label, 1)
         self.statusBar().addPermanentWidget(self.progress_bar)
         self._build_menus()
+        self._connect_panels()
         self.resize(1440, 900)
         self._restore_settings()
 
@@ -104,8 +123,20 @@ class MainWindow(QMainWindow):
         return dock
 
     def add_panel(self, widget: QWidget, title: str) -> None:
-        """A work panel in the central tab area (data, train, spectrum, playground, runs)."""
-        self.tabs.addTab(widget, title)
+        """A work panel in the central tab area (data, train, spectrum, playground, runs). It scrolls when the
+        window is narrower than the panel, so the window itself can be as narrow as the user likes."""
+        scroll = QScrollArea()
+        scroll.setWidget(widget)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.NoFrame)
+        self.tabs.addTab(scroll, title)
+
+    def show_panel(self, widget: QWidget) -> None:
+        index = next(i for i in range(self.tabs.count()) if self.tabs.widget(i).widget() is widget)
+        self.tabs.setCurrentIndex(index)
+
+    def current_panel(self) -> QWidget:
+        return self.tabs.currentWidget().widget()
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -120,11 +151,52 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
         file_menu.addSeparator()
         self._action(file_menu, "&Quit", self.close, QKeySequence.Quit)
+        self.adapter_actions = AdapterActions(self, self.menuBar().addMenu("&Adapter"), self.settings)
+        self.adapter_actions.sig_spectra_loaded.connect(self._on_spectra_requested)
+        self.adapter_actions.sig_adapter_changed.connect(self.playground.set_adapter)
         view_menu = self.menuBar().addMenu("&View")
         view_menu.addAction(self.tree_dock.toggleViewAction())
         view_menu.addAction(self.adapter_dock.toggleViewAction())
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&About LoRA Studio", self._on_about_triggered)
+
+    def _connect_panels(self) -> None:
+        """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
+        panel the user changes it in; the run's events reach the spectrum panel; a finished run's adapter is
+        what the Adapter menu works on."""
+        form, memory = self.train_panel.form, self.adapter_panel
+        form.max_length.valueChanged.connect(self.data_panel.set_max_length)
+        form.max_length.valueChanged.connect(memory.seq_spin.setValue)
+        form.batch_size.valueChanged.connect(memory.batch_spin.setValue)
+        memory.batch_spin.valueChanged.connect(form.batch_size.setValue)
+        form.gradient_checkpointing.toggled.connect(memory.checkpointing_check.setChecked)
+        memory.checkpointing_check.toggled.connect(form.gradient_checkpointing.setChecked)
+        memory.qlora_check.toggled.connect(self.train_panel.set_qlora)
+        self.data_panel.set_max_length(form.max_length.value())
+        memory.seq_spin.setValue(form.max_length.value())
+        memory.batch_spin.setValue(form.batch_size.value())
+        session = self.train_panel.session
+        session.sig_event.connect(self.spectrum_panel.on_training_event)
+        session.sig_finished.connect(self._on_training_finished)
+        self.runs_panel.sig_resume_requested.connect(self._on_resume_requested)
+        self.runs_panel.sig_spectra_requested.connect(self._on_spectra_requested)
+
+    @Slot(str)
+    def _on_resume_requested(self, run_dir: str) -> None:
+        self.show_panel(self.train_panel)
+        self.train_panel.continue_run(run_dir)
+
+    @Slot(object, str)
+    def _on_spectra_requested(self, spectra: tuple[ModuleSpectrum, ...], source: str) -> None:
+        self.spectrum_panel.show_spectra(spectra, source)
+        self.show_panel(self.spectrum_panel)
+
+    @Slot(object)
+    def _on_training_finished(self, result: Finished | Failed) -> None:
+        if self.opened is not None:
+            self.adapter_actions.set_run_result(result, self.opened.spec, self.opened.loaded.task)
+        if self._close_after_stop:
+            self.close()
 
     def _action(self, menu: QMenu, text: str, slot: Callable[[], object],
                 shortcut: QKeySequence.StandardKey | None = None) -> QAction:
@@ -176,6 +248,9 @@ class MainWindow(QMainWindow):
         self.tree_panel.set_presets(dict(opened.presets))
         self.adapter_panel.set_machine(opened.machine)
         self.summary.show_model(opened)
+        self.data_panel.set_tokenizer(opened.loaded.tokenizer)
+        self.train_panel.set_model(opened)
+        self.playground.set_model(opened.loaded)
         name = opened.loaded.display_name
         self.setWindowTitle(f"LoRA Studio — {name}" + (" (plan mode)" if opened.plan_only else ""))
         self.plan_banner.setText(
@@ -299,7 +374,26 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/state", self.saveState())
         self.settings.sync()
 
+    def _confirm_stop_training(self) -> bool:
+        self.close_question = QMessageBox(
+            QMessageBox.Question, "Training is running",
+            "Stop the run and close? The run saves a checkpoint and its adapter first; Resume continues it later.",
+            QMessageBox.Yes | QMessageBox.No, self)
+        self.close_question.setDefaultButton(QMessageBox.No)
+        answer = self.close_question.exec()
+        self.close_question = None
+        return answer == QMessageBox.Yes
+
     def closeEvent(self, event: QCloseEvent) -> None:
+        session = self.train_panel.session
+        if session.is_active():
+            # the loop ends after its current step; the window closes once the run has saved its checkpoint
+            if self._close_after_stop or self._confirm_stop_training():
+                self._close_after_stop = True
+                session.stop()
+                self.status_label.setText("Stopping the run: saving a checkpoint, then closing…")
+            event.ignore()
+            return
         self.save_settings()
         if self._load_job is not None:  # loading cannot be interrupted: let it end before Qt tears down
             self.hide()

@@ -1,0 +1,266 @@
+"""The Adapter menu: export the run's adapter, merge it into its base and save the result, load a saved
+adapter to inspect its spectra. Each runs off the UI thread and ends with a message naming the folder.
+
+"The adapter" is the one the window last had in hand: the run that just ended, or a folder loaded here. A
+chosen folder that already holds files is never replaced: the result goes into a new folder inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QSettings, Qt, Signal, Slot
+from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox, QProgressDialog, QWidget
+
+from studio.core import events as ev
+from studio.core.engine import latest_checkpoint
+from studio.core.events import ModuleSpectrum
+from studio.core.export import AdapterInfo, MergeProgress, MergeReport
+from studio.ui.worker import BackgroundJob, Report, WorkFailed
+
+OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurrentAdapter:
+    """An adapter folder, the base model it belongs to (what open_model accepts) and the run it came from."""
+
+    folder: Path
+    base_spec: str | None
+    run_dir: Path | None = None
+    task: str = "causal-lm"
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    info: AdapterInfo
+    spectra: tuple[ModuleSpectrum, ...]
+
+
+def free_target(chosen: Path, name: str) -> Path:
+    """`chosen` itself when it is new or empty, else a new folder `name` (or `name-2`, ...) inside it."""
+    if not chosen.exists() or (chosen.is_dir() and not any(chosen.iterdir())):
+        return chosen
+    target, suffix = chosen / name, 1
+    while target.exists():
+        suffix += 1
+        target = chosen / f"{name}-{suffix}"
+    return target
+
+
+def run_adapter(run_dir: Path) -> Path | None:
+    """The run's final adapter, else its newest checkpoint's."""
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return run_dir / "adapter"
+    checkpoint = latest_checkpoint(run_dir)
+    return checkpoint / "adapter" if checkpoint is not None else None
+
+
+def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], MergeReport]:
+    def job(report: Report) -> MergeReport:
+        from studio.core.export import load_adapter, merge_and_save
+        from studio.core.models import open_model
+        from studio.ui.model_loader import import_libraries
+
+        import_libraries()
+        if not adapter.base_spec:
+            from studio.core.errors import ExportError
+
+            raise ExportError(f"{adapter.folder} does not name its base model: open the base and merge from a run")
+        loaded = open_model(adapter.base_spec, task=adapter.task,  # type: ignore[arg-type]
+                            on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
+        peft_model = load_adapter(loaded, adapter.folder)
+        dtype = loaded.dtype if loaded.dtype in ("float32", "bfloat16", "float16") else "float32"
+        return merge_and_save(
+            peft_model, loaded.tokenizer, target, dtype=dtype,  # type: ignore[arg-type]
+            on_progress=lambda p: report(replace(p, fraction=OPEN_SHARE + (1 - OPEN_SHARE) * p.fraction)),
+        )
+
+    return job
+
+
+def load_job(folder: Path) -> Callable[[Report], LoadedAdapter]:
+    def job(_report: Report) -> LoadedAdapter:
+        from studio.core.export import read_adapter_info
+        from studio.core.spectrum import read_adapter_spectra
+
+        return LoadedAdapter(read_adapter_info(folder), read_adapter_spectra(folder))
+
+    return job
+
+
+def export_job(run_dir: Path, target: Path) -> Callable[[Report], Path]:
+    def job(_report: Report) -> Path:
+        from studio.core.export import export_run_adapter
+
+        return export_run_adapter(run_dir, target)
+
+    return job
+
+
+class AdapterActions(QObject):
+    sig_message = Signal(str)  # the closing message of an action (also shown in a message box)
+    sig_spectra_loaded = Signal(object, str)  # after Load adapter…: its spectra and where they come from
+    sig_adapter_changed = Signal(object)  # Path: the folder of the adapter these actions now work on
+
+    def __init__(self, window: QWidget, menu: QMenu, settings: QSettings) -> None:
+        super().__init__(window)
+        self._settings = settings
+        self.adapter: CurrentAdapter | None = None
+        self.message_box: QMessageBox | None = None
+        self.progress_dialog: QProgressDialog | None = None
+        self._job: BackgroundJob | None = None
+        self._loading = Path()  # the folder Load adapter… is reading
+        self.export_action = menu.addAction("&Export adapter…")
+        self.export_action.setToolTip("Copy the run's adapter (PEFT format) to a folder of your choice")
+        self.export_action.triggered.connect(self._on_export_triggered)
+        self.merge_action = menu.addAction("&Merge and save…")
+        self.merge_action.setToolTip("Fold the adapter into its base and save one plain model folder")
+        self.merge_action.triggered.connect(self._on_merge_triggered)
+        menu.addSeparator()
+        self.load_action = menu.addAction("&Load adapter…")
+        self.load_action.setToolTip("Read a saved LoRA adapter and show its singular values")
+        self.load_action.triggered.connect(self._on_load_triggered)
+        self._update_actions()
+
+    @property
+    def _window(self) -> QWidget:
+        """The dialogs' parent, through Qt's parent link: a Python reference would make a cycle with the window."""
+        return self.parent()  # type: ignore[return-value]
+
+    def is_busy(self) -> bool:
+        return self._job is not None
+
+    # ---- what the adapter is -------------------------------------------------------------------------------
+
+    def set_run_result(self, result: ev.Finished | ev.Failed, base_spec: str, task: str = "causal-lm") -> None:
+        """The run that just ended (or failed with a checkpoint) becomes the adapter these actions work on."""
+        if isinstance(result, ev.Finished):
+            run_dir = Path(result.run_dir)
+        elif result.checkpoint:
+            run_dir = Path(result.checkpoint).parent.parent
+        else:
+            return
+        folder = run_adapter(run_dir)
+        if folder is not None:
+            self.adapter = CurrentAdapter(folder, base_spec, run_dir, task)
+            self.sig_adapter_changed.emit(folder)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        idle = self._job is None
+        self.export_action.setEnabled(idle and self.adapter is not None and self.adapter.run_dir is not None)
+        self.merge_action.setEnabled(idle and self.adapter is not None)
+        self.load_action.setEnabled(idle)
+
+    # ---- the actions ---------------------------------------------------------------------------------------
+
+    def _choose_folder(self, title: str) -> Path | None:
+        start = str(self._settings.value("paths/adapters", str(Path.home())))
+        folder = QFileDialog.getExistingDirectory(self._window, title, start)
+        if not folder:
+            return None
+        self._settings.setValue("paths/adapters", folder)
+        return Path(folder)
+
+    @Slot()
+    def _on_export_triggered(self) -> None:
+        adapter = self.adapter
+        chosen = self._choose_folder("Export the adapter to a folder")
+        if adapter is None or adapter.run_dir is None or chosen is None:
+            return
+        target = free_target(chosen, f"{adapter.run_dir.name}-adapter")
+        self._run(export_job(adapter.run_dir, target), self._on_exported)
+
+    @Slot()
+    def _on_merge_triggered(self) -> None:
+        adapter = self.adapter
+        chosen = self._choose_folder("Save the merged model to a folder")
+        if adapter is None or chosen is None:
+            return
+        name = f"{adapter.run_dir.name if adapter.run_dir else adapter.folder.name}-merged"
+        target = free_target(chosen, name)
+        self.progress_dialog = QProgressDialog(f"Merging into {target}…", "", 0, 1000, self._window)
+        self.progress_dialog.setCancelButton(None)  # a merge cannot be interrupted half-written
+        self.progress_dialog.setWindowTitle("Merge and save")
+        self.progress_dialog.setWindowModality(Qt.WindowModal)
+        self.progress_dialog.setMinimumDuration(0)
+        self.progress_dialog.setValue(0)
+        self._run(merge_job(adapter, target), self._on_merged, self._on_merge_progress)
+
+    @Slot()
+    def _on_load_triggered(self) -> None:
+        folder = self._choose_folder("Load a LoRA adapter folder")
+        if folder is not None:
+            self.load(folder)
+
+    def load(self, folder: Path) -> None:
+        self._loading = folder
+        self._run(load_job(folder), self._on_loaded)
+
+    # ---- jobs ----------------------------------------------------------------------------------------------
+
+    def _run(self, job: Callable[[Report], Any], on_result: Callable[[Any], None],
+             on_progress: Callable[[Any], None] | None = None) -> None:
+        """`on_result` and `on_progress` must be slots of this object, so that Qt queues them to its thread."""
+        self._job = BackgroundJob(job, name="adapter")
+        self._job.worker.sig_result.connect(on_result)
+        self._job.worker.sig_failed.connect(self._on_job_failed)
+        self._job.worker.sig_finished.connect(self._on_job_finished)
+        if on_progress is not None:
+            self._job.worker.sig_progress.connect(on_progress)
+        self._update_actions()
+        self._job.start()
+
+    @Slot(object)
+    def _on_merge_progress(self, progress: MergeProgress) -> None:
+        if self.progress_dialog is not None:
+            self.progress_dialog.setLabelText(progress.message)
+            self.progress_dialog.setValue(int(1000 * progress.fraction))
+
+    @Slot(object)
+    def _on_exported(self, target: Path) -> None:
+        self._tell("Adapter exported", f"The adapter was saved to {target}")
+
+    @Slot(object)
+    def _on_merged(self, report: MergeReport) -> None:
+        notes = "".join(f"\n• {note}" for note in report.notes)
+        rounding = (f"; {report.saved_logit_diff:.2e} once saved in {report.dtype}"
+                    if report.saved_logit_diff != report.max_logit_diff else "")
+        self._tell("Merged model saved",
+                   f"The merged model was saved to {report.path} in {report.seconds:.0f} s.\n"
+                   f"Max logit difference against base + adapter: {report.max_logit_diff:.2e}{rounding}.{notes}")
+
+    @Slot(object)
+    def _on_loaded(self, loaded: LoadedAdapter) -> None:
+        folder, info = self._loading, loaded.info
+        self.adapter = CurrentAdapter(folder, info.base_model, None, "seq-cls" if info.task_type == "SEQ_CLS"
+                                      else "causal-lm")
+        self.sig_adapter_changed.emit(folder)
+        self.sig_spectra_loaded.emit(loaded.spectra, f"Adapter {folder}")
+        self._tell("Adapter loaded",
+                   f"Loaded the adapter in {folder}: {info.variant} r={info.r}, α={info.alpha:g}, "
+                   f"{info.modules} modules, {info.parameters:,} parameters; base {info.base_model or 'not named'}.")
+
+    @Slot(object)
+    def _on_job_failed(self, failure: WorkFailed) -> None:
+        if not failure.user_error:
+            log.error("an adapter action failed:\n%s", failure.details)
+        self._tell("Adapter action failed", failure.message, QMessageBox.Warning)
+
+    @Slot()
+    def _on_job_finished(self) -> None:
+        self._job = None
+        if self.progress_dialog is not None:
+            self.progress_dialog.close()
+            self.progress_dialog = None
+        self._update_actions()
+
+    def _tell(self, title: str, text: str, icon: QMessageBox.Icon = QMessageBox.Information) -> None:
+        self.message_box = QMessageBox(icon, title, text, parent=self._window)
+        self.message_box.open()  # window-modal without blocking the event loop
+        self.sig_message.emit(text)

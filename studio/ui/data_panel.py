@@ -1,0 +1,405 @@
+"""The data panel: which file to train on and how to read it, shown the way the model will see it.
+
+Open a file (CSV/TSV, JSON, JSONL, Parquet, TXT), pick the format and map columns to roles (detected by
+default), hold out validation data (a file or a fraction), and see one formatted row with its loss tokens
+highlighted, the token-length histogram against the maximum length, and every row that had to be left out.
+It starts on the built-in demo, so a fresh window can train in one click.
+
+All reading and tokenizing runs in `DataJobs` off the UI thread; see data_jobs.py.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal, Slot
+from PySide6.QtGui import QShowEvent
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.core.data import DataSpec, Preview, demo_spec
+from studio.core.errors import DataError
+from studio.core.formats import FORMATS
+from studio.ui.column_mapping import ColumnMapping
+from studio.ui.data_jobs import DataAnalysis, DataJobs
+from studio.ui.length_histogram import LengthHistogram
+
+FILE_FILTER = "Data files (*.csv *.tsv *.json *.jsonl *.parquet *.txt);;All files (*)"
+LOSS_COLOURS = ("#ffd43b", "#ffe58f")  # alternating, so neighbouring tokens stay apart
+CONTEXT_COLOURS = ("#e9ecef", "#f8f9fa")
+ERROR_STYLE = "color: #b3261e; font-weight: bold;"
+SPLITS = (("No validation", "none"), ("Hold out a fraction", "fraction"), ("Validation file", "file"))
+REFRESH_DELAY_MS = 200  # typing in a spin box re-reads the data once it settles
+
+
+def preview_html(preview: Preview) -> str:
+    """The row as the model sees it: one span per token, loss tokens on a yellow background."""
+    if preview.problem:
+        return f'<p style="color:#b3261e"><b>Row {preview.row} is left out:</b> {html.escape(preview.problem)}</p>'
+    spans = []
+    for i, (piece, loss) in enumerate(preview.tokens):
+        colour = (LOSS_COLOURS if loss else CONTEXT_COLOURS)[i % 2]
+        spans.append(f'<span style="background-color:{colour}">{html.escape(piece)}</span>')
+    return f'<div style="white-space: pre-wrap; font-family: monospace">{"".join(spans)}</div>'
+
+
+class DataPanel(QWidget):
+    sig_analysed = Signal(object)  # DataAnalysis, whenever a (re)analysis or preview arrives
+
+    def __init__(self, settings: QSettings, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._settings = settings
+        self.analysis: DataAnalysis | None = None
+        self.shown_preview: Preview | None = None
+        self._max_length = demo_spec().max_length
+        self._columns: tuple[str, ...] = ()
+        self._stale = True  # settings changed while the panel was hidden
+        self.jobs = DataJobs(self)
+        self.jobs.sig_analysed.connect(self._on_jobs_analysed)
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(REFRESH_DELAY_MS)
+        self._refresh_timer.timeout.connect(self.refresh)
+        self._build()
+        self._load_spec(demo_spec())
+
+    # ---- layout ---------------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.path_edit = QLineEdit()
+        self.path_edit.setReadOnly(True)
+        open_button = QPushButton("Open…")
+        open_button.clicked.connect(self._on_open_clicked)
+        demo_button = QPushButton("Built-in demo")
+        demo_button.setToolTip("Dates to ISO 8601: 300 training and 60 held-out rows for the built-in model")
+        demo_button.clicked.connect(lambda: self._load_spec(demo_spec()))
+        file_row = QHBoxLayout()
+        file_row.addWidget(self.path_edit, 1)
+        file_row.addWidget(open_button)
+        file_row.addWidget(demo_button)
+
+        self.format_combo = QComboBox()
+        self.format_combo.addItem("auto (detect)", "auto")
+        for fmt in FORMATS:
+            self.format_combo.addItem(fmt, fmt)
+        self.format_combo.currentIndexChanged.connect(self._on_format_changed)
+        self.detected_label = QLabel()
+        self.txt_combo = QComboBox()
+        self.txt_combo.addItem("one document per file", "file")
+        self.txt_combo.addItem("blank-line-separated blocks", "blocks")
+        self.txt_combo.currentIndexChanged.connect(self._schedule_refresh)
+        self.packing_check = QCheckBox("pack examples")
+        self.packing_check.setToolTip("Join short examples into sequences of the maximum length (each still attends "
+                                      "only to itself): fewer padding tokens, faster epochs")
+        self.packing_check.toggled.connect(self._schedule_refresh)
+        self.columns = ColumnMapping()
+        self.columns.sig_changed.connect(self._schedule_refresh)
+
+        self.split_combo = QComboBox()
+        for text, key in SPLITS:
+            self.split_combo.addItem(text, key)
+        self.split_combo.currentIndexChanged.connect(self._on_split_changed)
+        self.fraction_spin = QDoubleSpinBox()
+        self.fraction_spin.setRange(0.01, 0.5)
+        self.fraction_spin.setSingleStep(0.05)
+        self.fraction_spin.setValue(0.1)
+        self.fraction_spin.valueChanged.connect(self._schedule_refresh)
+        self.val_edit = QLineEdit()
+        self.val_edit.setReadOnly(True)
+        val_button = QPushButton("…")
+        val_button.setMaximumWidth(32)
+        val_button.clicked.connect(self._on_val_browse_clicked)
+        self.val_row = QWidget()
+        val_layout = QHBoxLayout(self.val_row)
+        val_layout.setContentsMargins(0, 0, 0, 0)
+        val_layout.addWidget(self.val_edit, 1)
+        val_layout.addWidget(val_button)
+
+        form = QFormLayout()
+        form.addRow("Format", self._pair(self.format_combo, self.detected_label))
+        form.addRow("Text files", self.txt_combo)
+        form.addRow("", self.packing_check)
+        form.addRow("Validation", self.split_combo)
+        form.addRow("Fraction", self.fraction_spin)
+        form.addRow("File", self.val_row)
+        self.settings_form = form
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        left_layout.addLayout(form)
+        left_layout.addWidget(self.columns)
+        self.summary_label = QLabel()
+        self.summary_label.setWordWrap(True)
+        self.error_label = QLabel()
+        self.error_label.setWordWrap(True)
+        self.error_label.setStyleSheet(ERROR_STYLE)
+        self.error_label.hide()
+        left_layout.addWidget(self.summary_label)
+        left_layout.addWidget(self.error_label)
+        self.bad_rows_label = QLabel("Bad rows")
+        self.bad_rows_list = QListWidget()
+        left_layout.addWidget(self.bad_rows_label)
+        left_layout.addWidget(self.bad_rows_list, 1)
+
+        self.row_spin = QSpinBox()
+        self.row_spin.setRange(1, 1)
+        self.row_spin.setPrefix("row ")
+        self.row_spin.valueChanged.connect(self._on_row_changed)
+        self.row_label = QLabel()
+        self.row_label.setWordWrap(True)  # a long file name must not widen the panel
+        self.preview_view = QTextBrowser()
+        self.preview_view.setPlaceholderText("The formatted example appears here")
+        preview_box = QGroupBox("Preview (highlighted tokens carry the loss)")
+        preview_layout = QVBoxLayout(preview_box)
+        row = QHBoxLayout()
+        row.addWidget(self.row_spin)
+        row.addWidget(self.row_label, 1)
+        preview_layout.addLayout(row)
+        preview_layout.addWidget(self.preview_view, 1)
+
+        self.histogram = LengthHistogram()
+        right = QSplitter(Qt.Vertical)
+        right.addWidget(preview_box)
+        right.addWidget(self.histogram)
+        right.setSizes([420, 300])
+        split = QSplitter(Qt.Horizontal)
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setSizes([460, 900])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(file_row)
+        layout.addWidget(split, 1)
+
+    @staticmethod
+    def _row(*widgets: QWidget) -> QHBoxLayout:
+        row = QHBoxLayout()
+        for widget in widgets:
+            row.addWidget(widget)
+        row.addStretch(1)
+        return row
+
+    def _pair(self, *widgets: QWidget) -> QWidget:
+        box = QWidget()
+        box.setLayout(self._row(*widgets))
+        box.layout().setContentsMargins(0, 0, 0, 0)
+        return box
+
+    # ---- public ---------------------------------------------------------------------------------------------
+
+    def set_tokenizer(self, tokenizer: Any | None) -> None:
+        """The open model's tokenizer (None in plan mode): formatting and lengths depend on it."""
+        self.jobs.set_tokenizer(tokenizer)
+        self._schedule_refresh()  # a moment later: the window is still busy showing the new model
+
+    def set_max_length(self, max_length: int) -> None:
+        if max_length != self._max_length:
+            self._max_length = max_length
+            self._schedule_refresh()
+
+    def open_file(self, path: str | Path) -> None:
+        """Train on `path` from now on; format and columns go back to detection."""
+        self._load_spec(DataSpec(train_path=str(path)))
+
+    def spec(self) -> DataSpec:
+        """The data as set up in the panel. Raises DataError when the settings contradict each other."""
+        split = self.split_combo.currentData()
+        if split == "file" and not self.val_edit.text():
+            raise DataError("choose the validation file, or another validation setting")
+        columns = self.columns.mapping()
+        return DataSpec(
+            train_path=self.path_edit.text(), format=self.format_combo.currentData(), columns=columns,
+            val_path=self.val_edit.text() if split == "file" else None,
+            val_fraction=float(self.fraction_spin.value()) if split == "fraction" else 0.0,
+            max_length=self._max_length, packing=self.packing_check.isChecked(),
+            txt_mode=self.txt_combo.currentData(),
+        )
+
+    @Slot()
+    def refresh(self) -> None:
+        """Read, format and measure the data again (off the UI thread); the results arrive in sig_analysed.
+        A hidden panel only notes that it is out of date and refreshes when it is shown."""
+        self._refresh_timer.stop()
+        if not self.isVisible():
+            self._stale = True
+            return
+        self._stale = False
+        try:
+            spec = self.spec()
+        except DataError as exc:
+            self._show_error(str(exc))
+            return
+        self.jobs.analyse(spec, self.row_spin.value() - 1)
+
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if self._stale:
+            self.refresh()
+
+    def show_row(self, number: int) -> None:
+        """Preview row `number` (1-based, counting bad rows too)."""
+        self.row_spin.setValue(number)
+
+    # ---- reactions ------------------------------------------------------------------------------------------
+
+    def _load_spec(self, spec: DataSpec) -> None:
+        widgets = (self.format_combo, self.split_combo, self.fraction_spin, self.packing_check, self.txt_combo)
+        for widget in widgets:
+            widget.blockSignals(True)
+        self.path_edit.setText(spec.train_path)
+        self.format_combo.setCurrentIndex(max(0, self.format_combo.findData(spec.format)))
+        split = "file" if spec.val_path else "fraction" if spec.val_fraction else "none"
+        self.split_combo.setCurrentIndex(self.split_combo.findData(split))
+        self.val_edit.setText(spec.val_path or "")
+        if spec.val_fraction:
+            self.fraction_spin.setValue(spec.val_fraction)
+        self.packing_check.setChecked(spec.packing)
+        self.txt_combo.setCurrentIndex(self.txt_combo.findData(spec.txt_mode))
+        for widget in widgets:
+            widget.blockSignals(False)
+        self._show_split_rows()
+        self._set_roles(None if spec.format == "auto" else spec.format, spec.columns)
+        is_txt = Path(spec.train_path).suffix.lower() == ".txt" or Path(spec.train_path).is_dir()
+        self.settings_form.setRowVisible(self.txt_combo, is_txt)
+        self.row_spin.blockSignals(True)
+        self.row_spin.setValue(1)
+        self.row_spin.blockSignals(False)
+        self.analysis = None
+        self.refresh()
+
+    def _set_roles(self, fmt: str | None, mapping: Mapping[str, str],
+                   resolved: Mapping[str, str] | None = None) -> None:
+        self.columns.show_roles(fmt, self._columns, mapping, resolved)
+
+    @Slot()
+    def _on_format_changed(self) -> None:
+        chosen = self.format_combo.currentData()
+        self._set_roles(None if chosen == "auto" else chosen, {})
+        self._schedule_refresh()
+
+    @Slot()
+    def _on_split_changed(self) -> None:
+        self._show_split_rows()
+        self._schedule_refresh()
+
+    def _show_split_rows(self) -> None:
+        split = self.split_combo.currentData()
+        self.settings_form.setRowVisible(self.fraction_spin, split == "fraction")
+        self.settings_form.setRowVisible(self.val_row, split == "file")
+
+    @Slot()
+    def _schedule_refresh(self) -> None:
+        self._refresh_timer.start()
+
+    @Slot(int)
+    def _on_row_changed(self, number: int) -> None:
+        try:
+            spec = self.spec()
+        except DataError as exc:
+            self._show_error(str(exc))
+            return
+        self.jobs.preview(spec, number - 1)
+
+    def _last_folder(self) -> str:
+        return str(self._settings.value("paths/data_folder", str(Path.home())))
+
+    @Slot()
+    def _on_open_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open training data", self._last_folder(), FILE_FILTER)
+        if path:
+            self._settings.setValue("paths/data_folder", str(Path(path).parent))
+            self.open_file(path)
+
+    @Slot()
+    def _on_val_browse_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open validation data", self._last_folder(), FILE_FILTER)
+        if path:
+            self.val_edit.setText(path)
+            self._schedule_refresh()
+
+    @Slot(object)
+    def _on_jobs_analysed(self, analysis: DataAnalysis) -> None:
+        try:
+            if analysis.spec != self.spec():
+                return  # the user changed a setting since: the refresh for it is on its way
+        except DataError:
+            return
+        if analysis.prepared is not None or analysis.error or self.analysis is None:
+            self.analysis = analysis  # a preview-only result keeps the last full analysis
+        if analysis.table is not None:
+            self._columns = analysis.table.columns
+        if analysis.prepared is not None:
+            self._set_roles(analysis.prepared.format, self.columns.mapping(), analysis.prepared.columns)
+        elif analysis.table is not None:
+            chosen = self.format_combo.currentData()
+            self._set_roles(None if chosen == "auto" else chosen, self.columns.mapping())
+        if analysis.table is not None:
+            self.row_spin.blockSignals(True)
+            self.row_spin.setRange(1, len(analysis.table.records))
+            self.row_spin.blockSignals(False)
+        self._show_error(analysis.error or "")
+        if analysis.prepared is not None:
+            self._show_prepared(analysis)
+        elif analysis.error and analysis.preview is None:
+            self.summary_label.clear()
+            self.bad_rows_list.clear()
+            self.histogram.show_lengths(np.zeros(0, dtype=int), self._max_length)
+        self._show_preview(analysis.preview)
+        self.sig_analysed.emit(analysis)
+
+    def _show_prepared(self, analysis: DataAnalysis) -> None:
+        prepared = analysis.prepared
+        assert prepared is not None
+        stats = prepared.stats
+        detected = self.format_combo.currentData() == "auto"
+        self.detected_label.setText(f"detected: {prepared.format}" if detected else "")
+        self.summary_label.setText(
+            f"<b>{len(prepared.train)}</b> training and <b>{len(prepared.val)}</b> validation examples"
+            f"{' (packed)' if self.packing_check.isChecked() else ''}. Tokens per example: min {stats.min}, "
+            f"median {stats.median:.0f}, 95% under {stats.p95:.0f}, max {stats.max}; "
+            f"<b>{stats.truncated}</b> cut at the maximum length {stats.max_length}."
+        )
+        bad = prepared.bad_rows
+        self.bad_rows_label.setText(f"{len(bad)} bad row{'s' if len(bad) != 1 else ''} (left out of training)"
+                                    if bad else "No bad rows")
+        self.bad_rows_list.clear()
+        for row in bad:
+            self.bad_rows_list.addItem(f"{Path(row.file).name}, row {row.row}: {row.reason}")
+        self.histogram.show_lengths(np.asarray(stats.lengths), stats.max_length)
+
+    def _show_preview(self, preview: Preview | None) -> None:
+        self.shown_preview = preview
+        if preview is None:
+            self.preview_view.clear()
+            self.row_label.clear()
+            return
+        loss = sum(1 for _, carries in preview.tokens if carries)
+        cut = f", cut from {preview.length}" if preview.truncated else ""
+        self.row_label.setText(
+            f"{Path(preview.file).name}, line {preview.row} · {preview.format} · {len(preview.tokens)} tokens{cut}, "
+            f"{loss} carry the loss" + (f" · label {preview.label}" if preview.label is not None else "")
+        )
+        self.preview_view.setHtml(preview_html(preview))
+
+    def _show_error(self, text: str) -> None:
+        self.error_label.setText(text)
+        self.error_label.setVisible(bool(text))

@@ -1,0 +1,137 @@
+"""The hyperparameters of a run as a form: it reads and writes the core's `TrainingConfig` (plus the data's
+maximum length, which the data panel shows against its length histogram)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QValidator
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QSpinBox, QWidget
+
+from studio.core.runconfig import TrainingConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_MAX_LENGTH = 128
+FIELD_WIDTH = 115  # numbers are short; a narrow form leaves the width to the plots
+PAIRS_PER_ROW = 2
+FORM_DEFAULTS = TrainingConfig(max_steps=60, batch_size=8, eval_every=20, eval_examples=16, save_every=20,
+                               spectrum_every=5, learning_rate=2e-3)  # a demo run that shows a curve in minutes
+
+
+class LearningRateSpinBox(QDoubleSpinBox):
+    """Shows 2e-04 rather than 0.000200; the arrows halve and double the rate, the usual way to search it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setDecimals(12)
+        self.setRange(1e-9, 10.0)
+
+    def textFromValue(self, value: float) -> str:  # noqa: N802 - Qt's name
+        return f"{value:.3g}"
+
+    def valueFromText(self, text: str) -> float:  # noqa: N802
+        try:
+            return float(text)
+        except ValueError:
+            return self.value()
+
+    def validate(self, text: str, pos: int) -> object:
+        try:
+            value = float(text)
+        except ValueError:
+            return QValidator.Intermediate, text, pos
+        ok = math.isfinite(value) and self.minimum() <= value <= self.maximum()
+        return (QValidator.Acceptable if ok else QValidator.Intermediate), text, pos
+
+    def stepBy(self, steps: int) -> None:  # noqa: N802
+        self.setValue(self.value() * 2.0**steps)
+
+
+def _spin(low: int, high: int, tip: str, special: str | None = None) -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(low, high)
+    spin.setToolTip(tip)
+    if special:
+        spin.setSpecialValueText(special)  # shown at the minimum, e.g. "off" for 0
+    return spin
+
+
+class TrainingForm(QWidget):
+    sig_changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.learning_rate = LearningRateSpinBox()
+        self.learning_rate.setToolTip("AdamW's learning rate; LoRA usually wants 1e-4 to 2e-3")
+        self.max_steps = _spin(1, 10_000_000, "Optimizer steps; epochs follow from the data size and batch")
+        self.batch_size = _spin(1, 4096, "Examples per micro-batch")
+        self.gradient_accumulation = _spin(1, 1024, "Micro-batches per optimizer step")
+        self.warmup = QDoubleSpinBox()
+        self.warmup.setRange(0.0, 0.95)
+        self.warmup.setSingleStep(0.05)
+        self.warmup.setToolTip("Share of the steps over which the learning rate ramps up from zero")
+        self.schedule = QComboBox()
+        self.schedule.addItems(SCHEDULES)
+        self.eval_every = _spin(0, 10_000_000, "Steps between validation runs (the run always ends with one)",
+                                "end only")
+        self.eval_examples = _spin(0, 100_000, "Validation examples scored by generation (exact match or "
+                                   "accuracy) per evaluation; 0 reports the validation loss only", "loss only")
+        self.save_every = _spin(0, 10_000_000, "Steps between checkpoints (Pause and Stop save one too)", "off")
+        self.spectrum_every = _spin(0, 10_000_000, "Steps between singular-value snapshots of the adapter", "off")
+        self.max_length = _spin(2, 1_000_000, "Tokens per example; longer examples are cut (see the data panel)")
+        self.gradient_checkpointing = QCheckBox("on")
+        self.gradient_checkpointing.setToolTip("Recompute activations in the backward pass instead of keeping them")
+        self.seed = _spin(0, 2**31 - 1, "Seeds the data order, dropout and the adapter's initialisation")
+
+        grid = QGridLayout(self)  # label/field pairs, PAIRS_PER_ROW to a row: short, so the plots keep the height
+        grid.setContentsMargins(0, 0, 0, 0)
+        for i, (label, widget) in enumerate((
+            ("Learning rate", self.learning_rate), ("Max steps", self.max_steps), ("Batch size", self.batch_size),
+            ("Grad accumulation", self.gradient_accumulation), ("Warmup share", self.warmup),
+            ("Schedule", self.schedule), ("Max length", self.max_length), ("Evaluate every", self.eval_every),
+            ("Scored examples", self.eval_examples), ("Save every", self.save_every),
+            ("Spectrum every", self.spectrum_every), ("Checkpointing", self.gradient_checkpointing),
+            ("Seed", self.seed),
+        )):
+            row, pair = divmod(i, PAIRS_PER_ROW)
+            widget.setMaximumWidth(FIELD_WIDTH)
+            grid.addWidget(QLabel(label), row, 2 * pair)
+            grid.addWidget(widget, row, 2 * pair + 1)
+        grid.setColumnStretch(2 * PAIRS_PER_ROW, 1)
+        self.set_training_config(FORM_DEFAULTS)
+        self.max_length.setValue(DEFAULT_MAX_LENGTH)
+        for spin in (self.learning_rate, self.max_steps, self.batch_size, self.gradient_accumulation, self.warmup,
+                     self.eval_every, self.eval_examples, self.save_every, self.spectrum_every, self.max_length,
+                     self.seed):
+            spin.valueChanged.connect(self.sig_changed)
+        self.schedule.currentIndexChanged.connect(self.sig_changed)
+        self.gradient_checkpointing.toggled.connect(self.sig_changed)
+
+    def training_config(self, base: TrainingConfig | None = None) -> TrainingConfig:
+        """The form's values over `base` (fields the form does not show keep base's values)."""
+        values = {f.name: getattr(base or FORM_DEFAULTS, f.name) for f in fields(TrainingConfig)}
+        values.update(
+            learning_rate=float(self.learning_rate.value()), max_steps=self.max_steps.value(),
+            batch_size=self.batch_size.value(), gradient_accumulation=self.gradient_accumulation.value(),
+            warmup_ratio=round(float(self.warmup.value()), 4), schedule=self.schedule.currentText(),
+            eval_every=self.eval_every.value(), eval_examples=self.eval_examples.value(),
+            save_every=self.save_every.value(), spectrum_every=self.spectrum_every.value(),
+            gradient_checkpointing=self.gradient_checkpointing.isChecked(), seed=self.seed.value(),
+        )
+        return TrainingConfig(**values)
+
+    def set_training_config(self, config: TrainingConfig) -> None:
+        self.learning_rate.setValue(config.learning_rate)
+        self.max_steps.setValue(config.max_steps)
+        self.batch_size.setValue(config.batch_size)
+        self.gradient_accumulation.setValue(config.gradient_accumulation)
+        self.warmup.setValue(config.warmup_ratio)
+        self.schedule.setCurrentText(config.schedule)
+        self.eval_every.setValue(config.eval_every)
+        self.eval_examples.setValue(config.eval_examples)
+        self.save_every.setValue(config.save_every)
+        self.spectrum_every.setValue(config.spectrum_every)
+        self.gradient_checkpointing.setChecked(config.gradient_checkpointing)
+        self.seed.setValue(config.seed)

@@ -1,0 +1,155 @@
+"""Pause, Resume, Stop and closing the window, on real training runs started from the window: each way of
+interrupting a run leaves a checkpoint that a later Resume continues from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QMessageBox
+
+from studio.core import events as ev
+from studio.core.engine import latest_checkpoint
+from studio.ui.main_window import MainWindow
+from studio.ui.training_session import SessionState
+from tests.ui.test_screenshots import SIZE, distinct_colours, target
+from tests.ui.tiny_run import collect_dead_windows, configure_tiny_run, write_demo_rows
+
+pytestmark = pytest.mark.usefixtures(collect_dead_windows.__name__)
+
+
+def last(events: list[object], kind: type):
+    found = [e for e in events if isinstance(e, kind)]
+    return found[-1] if found else None
+
+
+def recorded_steps(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["event"] == "StepMetrics"]
+
+
+def test_pause_resume_stop_and_continue_from_the_window(window, qtbot, tmp_path):
+    window.resize(*SIZE)
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 6), tmp_path / "runs", 4)
+    panel, session = window.train_panel, window.train_panel.session
+    events: list[object] = []
+    session.sig_event.connect(events.append)
+    window.show_panel(panel)
+
+    qtbot.mouseClick(panel.start_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: last(events, ev.StepMetrics) is not None, timeout=300_000)
+    qtbot.mouseClick(panel.pause_button, Qt.LeftButton)
+    assert session.state == SessionState.PAUSING and panel.resume_button.isEnabled()
+    qtbot.waitUntil(lambda: session.state == SessionState.PAUSED, timeout=300_000)
+    paused = last(events, ev.Paused)
+    checkpoint = Path(paused.checkpoint)
+    assert checkpoint.name == f"step-{paused.step}" and (checkpoint / "trainer_state.json").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == paused.step
+    assert not panel.pause_button.isEnabled() and panel.resume_button.isEnabled() and panel.stop_button.isEnabled()
+    assert panel.speed_label.text() == "Paused"
+    for tab, name in ((panel, "train-panel-paused.png"), (window.spectrum_panel, "spectrum-panel-during-run.png")):
+        window.show_panel(tab)
+        qtbot.wait(150)
+        path = target(tmp_path, name)
+        assert window.grab().save(str(path)) and QImage(str(path)).size().toTuple() == SIZE
+        assert distinct_colours(path) > 20
+    assert window.spectrum_panel.grid is not None  # drawn on showing, from the snapshots of the paused run
+    window.show_panel(panel)
+
+    qtbot.mouseClick(panel.resume_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: last(events, ev.Resumed) is not None, timeout=60_000)
+    qtbot.mouseClick(panel.stop_button, Qt.LeftButton)
+    assert session.state == SessionState.STOPPING and not panel.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: not session.is_active(), timeout=300_000)
+    stopped = last(events, ev.Finished)
+    assert stopped.stopped_early and stopped.step == paused.step + 1
+    run_dir = Path(stopped.run_dir)
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / f"step-{stopped.step}"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert panel.resume_button.isEnabled() and panel.start_button.isEnabled()
+
+    panel.form.max_steps.setValue(stopped.step + 1)  # Resume continues the stopped run to the new budget
+    qtbot.mouseClick(panel.resume_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not session.is_active() and last(events, ev.Finished) is not stopped, timeout=300_000)
+    finished = last(events, ev.Finished)
+    assert not finished.stopped_early and finished.step == stopped.step + 1 and finished.run_dir == str(run_dir)
+    assert last(events, ev.RunStarted).start_step == stopped.step
+    steps = list(range(1, finished.step + 1))
+    assert recorded_steps(run_dir) == steps
+    assert panel.plots.loss_raw.buffer.x.tolist() == [float(s) for s in steps]
+
+
+def test_closing_the_window_during_training_asks_then_stops_with_a_checkpoint(qtbot, settings, opened_default,
+                                                                               tmp_path):
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    window.show_model(opened_default)
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 6), tmp_path / "runs", 20)
+    session = window.train_panel.session
+    events: list[object] = []
+    session.sig_event.connect(events.append)
+    questions: list[str] = []
+
+    def answer(button: QMessageBox.StandardButton) -> None:
+        box = window.close_question
+        if box is None or not box.isVisible():
+            QTimer.singleShot(20, lambda: answer(button))
+            return
+        questions.append(box.text())
+        box.button(button).click()
+
+    window.train_panel.start()
+    qtbot.waitUntil(lambda: last(events, ev.StepMetrics) is not None, timeout=300_000)
+
+    QTimer.singleShot(20, lambda: answer(QMessageBox.No))
+    assert window.close() is False  # "No": the run goes on
+    assert session.is_active() and session.state == SessionState.RUNNING and window.isVisible()
+
+    QTimer.singleShot(20, lambda: answer(QMessageBox.Yes))
+    assert window.close() is False  # "Yes": the window waits for the run to save, then closes itself
+    assert session.state == SessionState.STOPPING
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=300_000)
+    assert not session.is_active()
+    assert len(questions) == 2 and questions[0].startswith("Stop the run and close?")
+    finished = last(events, ev.Finished)
+    assert finished is not None and finished.stopped_early and finished.step < 20
+    checkpoint = latest_checkpoint(finished.run_dir)
+    assert checkpoint is not None and checkpoint.name == f"step-{finished.step}"
+
+
+@pytest.mark.parametrize("missing", ["targets", "model"])
+def test_start_without_targets_or_model_shows_the_reason_and_starts_nothing(qtbot, window, settings, missing):
+    if missing == "targets":
+        window.plan_state.replace_selection([])
+        panel = window.train_panel
+    else:
+        other = MainWindow(settings)
+        qtbot.addWidget(other)
+        panel = other.train_panel
+    assert panel.start() is False
+    assert not panel.session.is_active() and panel.error_label.isVisibleTo(panel)
+    expected = ("Cannot start: plan.targets is missing" if missing == "targets"
+                else "Cannot start: open a model first")
+    assert panel.error_label.text().startswith(expected)
+
+
+def test_a_run_that_fails_shows_the_one_line_reason_in_a_dialog_and_the_log(window, qtbot, tmp_path):
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 4), tmp_path / "runs", 3)
+    panel = window.train_panel
+    panel.form.max_length.setValue(40)  # shorter than the chat template before any answer: no usable row
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as finished:
+        assert panel.start()
+    failed = finished.args[0]
+    assert isinstance(failed, ev.Failed) and failed.step == 0 and failed.checkpoint is None
+    assert failed.message.endswith("has no usable rows (4 bad): see the bad rows")
+    dialog = panel.failure_dialog
+    assert dialog is not None and dialog.isVisible() and dialog.windowTitle() == "Training stopped"
+    assert dialog.text() == f"{failed.message}\n\nNo checkpoint was saved before this point."
+    assert f"Failed at step 0: {failed.message}" in panel.log_view.toPlainText()
+    qtbot.waitUntil(lambda: not panel.session.is_active())
+    assert panel.start_button.isEnabled() and not panel.resume_button.isEnabled()
+    dialog.close()
