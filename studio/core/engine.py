@@ -566,13 +566,31 @@ def _finish(emit: _Recorder, model: Any, tokenizer: Any, run_dir: Path, state: _
     adapter_dir = run_dir / "adapter"
     save_adapter(model, adapter_dir, base_model_spec=config.model.source)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        _save_tokenizer(tokenizer, run_dir / "tokenizer")
     finished = ev.Finished(
         step=state.step, run_dir=str(run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
         final_loss=state.last_loss, final_val_loss=state.last_val_loss, final_score=state.last_score,
     )
     emit(finished)
     return finished
+
+
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                   "chat_template.*")
+
+
+def _save_tokenizer(tokenizer: Any, target: Path) -> None:
+    """Copy the tokenizer's own files when it was read from a folder: save_pretrained re-serialises the whole
+    vocabulary while holding the interpreter (50-170 ms in which the window cannot repaint)."""
+    source = Path(str(getattr(tokenizer, "name_or_path", "")))
+    if not (source / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(str(target))
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for pattern in TOKENIZER_FILES:
+        for path in source.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, target / path.name)
 
 
 def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: TrainControl | None = None,

@@ -246,7 +246,8 @@ class ModuleTreeModel(QAbstractItemModel):
             return f"{info.total_params:,} parameters"
         if column == RANK and info.targetable:
             return f"rank of {info.leaf}: type a number to override the global rank, clear it to follow it"
-        lines = [name]
+        kind = " · ".join(text for text in (info.class_name, info.shape) if text)
+        lines = [f"{name}  ({kind})" if kind else name]  # the type and shape columns hide in a narrow dock
         if not self._covered[self._ids[name]]:
             lines.append(info.why_not if info.kind != "container" else NOTHING_INSIDE)
         elif not info.targetable:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, QPoint, Qt, Slot
+from PySide6.QtCore import QEvent, QModelIndex, QObject, QPoint, Qt, Slot
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -22,6 +22,9 @@ from studio.ui.module_tree import NAME, PARAMS, RANK, SHAPE, TYPE, ModuleFilterP
 from studio.ui.plan_state import PlanState
 
 FILTER_HINT = "Filter: q_proj · *.mlp.* · re:.*\\.(q|v)_proj"
+COLUMN_WIDTHS = {TYPE: 150, SHAPE: 110, PARAMS: 80, RANK: 48}
+NAME_MIN_WIDTH = 190  # "gate_proj" four levels deep, with its checkbox
+NARROW_DROPS = (TYPE, SHAPE, PARAMS)  # hidden in this order when the dock has no room for them and a readable name
 
 
 class ModuleTreePanel(QWidget):
@@ -63,9 +66,13 @@ class ModuleTreePanel(QWidget):
         header = self.view.header()
         header.setStretchLastSection(False)
         header.setSectionResizeMode(NAME, QHeaderView.Stretch)
-        for column, width in ((TYPE, 150), (SHAPE, 110), (PARAMS, 80), (RANK, 48)):
+        for column, width in COLUMN_WIDTHS.items():
             header.setSectionResizeMode(column, QHeaderView.Interactive)
             header.resizeSection(column, width)
+        header.setContextMenuPolicy(Qt.CustomContextMenu)
+        header.customContextMenuRequested.connect(self._on_header_context_menu)
+        self._hidden_by_user: set[int] = set()
+        self.view.viewport().installEventFilter(self)
 
         top = QHBoxLayout()
         top.addWidget(self.filter_box, 1)
@@ -77,6 +84,44 @@ class ModuleTreePanel(QWidget):
         layout.addWidget(self.summary)
 
         state.sig_plan_changed.connect(self._on_state_plan_changed)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
+        if watched is self.view.viewport() and event.type() == QEvent.Resize:
+            self.fit_columns()  # the viewport's own width: it is final only once the view has laid it out
+        return False
+
+    def fit_columns(self) -> None:
+        """Keep the name column readable: in a narrow dock the type, shape and parameter columns give way, in
+        that order (the name's tooltip says the type and shape); they come back when there is room."""
+        room = self.view.viewport().width()
+        shown = [column for column in COLUMN_WIDTHS if column not in self._hidden_by_user]
+        for column in NARROW_DROPS:
+            if column in shown and NAME_MIN_WIDTH + sum(COLUMN_WIDTHS[c] for c in shown) > room:
+                shown.remove(column)
+        for column in COLUMN_WIDTHS:
+            self.view.setColumnHidden(column, column not in shown)
+
+    @Slot(QPoint)
+    def _on_header_context_menu(self, pos: QPoint) -> None:
+        self.columns_menu().exec(self.view.header().viewport().mapToGlobal(pos))
+
+    def columns_menu(self) -> QMenu:
+        """Tick the columns to show (the name column always shows)."""
+        menu = QMenu(self)
+        for column in COLUMN_WIDTHS:
+            title = str(self.model.headerData(column, Qt.Horizontal))
+            action = menu.addAction(title)
+            action.setCheckable(True)
+            action.setChecked(column not in self._hidden_by_user)
+            action.toggled.connect(lambda on, c=column: self._on_column_toggled(c, on))
+        return menu
+
+    def _on_column_toggled(self, column: int, on: bool) -> None:
+        if on:
+            self._hidden_by_user.discard(column)
+        else:
+            self._hidden_by_user.add(column)
+        self.fit_columns()
 
     def set_presets(self, presets: dict[str, tuple[str, ...]]) -> None:
         """Called with a newly opened model's presets (after the state holds its tree)."""

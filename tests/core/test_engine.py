@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from studio.core import events as ev
 from studio.core.data import demo_spec
@@ -75,6 +76,10 @@ def test_short_run_learns_exports_reloads_and_merges(default_model, fresh_defaul
     assert [r["step"] for r in records if r["event"] == "StepMetrics"] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["event"] == "Finished"
     assert load(run_dir / "run.yaml").plan["targets"] == "q_proj,v_proj"
+    saved_tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    sample = "Convert 3 March 2021 to ISO: <|im_end|>"
+    assert saved_tokenizer(sample)["input_ids"] == default_model.tokenizer(sample)["input_ids"]
+    assert saved_tokenizer.chat_template == default_model.tokenizer.chat_template
 
     trained = fresh_default_model.model  # the engine's PeftModel
     assert isinstance(trained, PeftModel)

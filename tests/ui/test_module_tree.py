@@ -156,3 +156,31 @@ def test_group_action_ticks_a_projection_in_every_layer(window):
     clear = next(a for a in menu.actions() if a.text().startswith("Clear self_attn.v_proj"))
     clear.trigger()
     assert window.plan_state.plan.targets == ()
+
+
+def test_a_narrow_dock_hides_type_then_shape_and_keeps_the_name_readable(qtbot, window):
+    from studio.ui.module_tree import SHAPE, TYPE
+    from studio.ui.module_tree_panel import NAME_MIN_WIDTH
+
+    view = window.tree_panel.view
+    window.resizeDocks([window.tree_dock], [300], Qt.Horizontal)
+    qtbot.waitUntil(lambda: view.isColumnHidden(TYPE) and view.isColumnHidden(SHAPE))
+    assert view.columnWidth(NAME) >= NAME_MIN_WIDTH - 20  # the scroll bar may take a few pixels of it
+    tooltip = window.tree_panel.model.index_of(Q0).data(Qt.ToolTipRole)
+    assert tooltip.startswith(f"{Q0}  (Linear · 576→576)")
+
+    window.resizeDocks([window.tree_dock], [900], Qt.Horizontal)
+    qtbot.waitUntil(lambda: not view.isColumnHidden(TYPE) and not view.isColumnHidden(SHAPE))
+    assert view.columnWidth(NAME) >= NAME_MIN_WIDTH
+
+
+def test_the_header_menu_hides_a_column_the_user_does_not_want(window):
+    from studio.ui.module_tree import PARAMS
+
+    window.resizeDocks([window.tree_dock], [900], Qt.Horizontal)
+    menu = window.tree_panel.columns_menu()
+    params = next(a for a in menu.actions() if a.text() == "Parameters")
+    params.setChecked(False)
+    assert window.tree_panel.view.isColumnHidden(PARAMS)
+    window.tree_panel.columns_menu().actions()[2].setChecked(True)  # the third entry is Parameters again
+    assert not window.tree_panel.view.isColumnHidden(PARAMS)
