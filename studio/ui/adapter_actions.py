@@ -1,8 +1,10 @@
 """The Adapter menu: export the run's adapter, merge it into its base and save the result, load a saved
 adapter to inspect its spectra. Each runs off the UI thread and ends with a message naming the folder.
 
-"The adapter" is the one the window last had in hand: the run that just ended, or a folder loaded here. A
-chosen folder that already holds files is never replaced: the result goes into a new folder inside it.
+"The adapter" is the one the window last had in hand: the run that just ended, or a folder loaded here. The
+Runs panel exports or merges the run selected there instead (`export_run`, `merge_run`), its base and task
+read from its run.yaml. A chosen folder that already holds files is never replaced: the result goes into a
+new folder inside it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from PySide6.QtCore import QObject, QSettings, Qt, Signal, Slot
 from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox, QProgressDialog, QWidget
 
 from studio.core import events as ev
-from studio.core.engine import latest_checkpoint
 from studio.core.events import ModuleSpectrum
 from studio.core.export import AdapterInfo, MergeProgress, MergeReport
+from studio.ui.run_folder import RunSummary, run_adapter
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model
@@ -52,12 +54,10 @@ def free_target(chosen: Path, name: str) -> Path:
     return target
 
 
-def run_adapter(run_dir: Path) -> Path | None:
-    """The run's final adapter, else its newest checkpoint's."""
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return run_dir / "adapter"
-    checkpoint = latest_checkpoint(run_dir)
-    return checkpoint / "adapter" if checkpoint is not None else None
+def adapter_of_run(run: RunSummary) -> CurrentAdapter | None:
+    """A run folder's adapter with the base and task its run.yaml names; None before it saved one."""
+    folder = run.adapter
+    return CurrentAdapter(folder, run.model, run.folder, run.task) if folder is not None else None
 
 
 def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], MergeReport]:
@@ -106,6 +106,7 @@ class AdapterActions(QObject):
     sig_message = Signal(str)  # the closing message of an action (also shown in a message box)
     sig_spectra_loaded = Signal(object, str)  # after Load adapter…: its spectra and where they come from
     sig_adapter_changed = Signal(object)  # Path: the folder of the adapter these actions now work on
+    sig_busy_changed = Signal(bool)  # an export, merge or load started (True) or ended (False)
 
     def __init__(self, window: QWidget, menu: QMenu, settings: QSettings) -> None:
         super().__init__(window)
@@ -156,6 +157,7 @@ class AdapterActions(QObject):
         self.export_action.setEnabled(idle and self.adapter is not None and self.adapter.run_dir is not None)
         self.merge_action.setEnabled(idle and self.adapter is not None)
         self.load_action.setEnabled(idle)
+        self.sig_busy_changed.emit(not idle)
 
     # ---- the actions ---------------------------------------------------------------------------------------
 
@@ -169,18 +171,34 @@ class AdapterActions(QObject):
 
     @Slot()
     def _on_export_triggered(self) -> None:
-        adapter = self.adapter
+        self._export(self.adapter)
+
+    @Slot()
+    def _on_merge_triggered(self) -> None:
+        self._merge(self.adapter)
+
+    def export_run(self, run: RunSummary) -> None:
+        """Export `run`'s adapter; the adapter the menu works on stays as it is."""
+        self._export(adapter_of_run(run))
+
+    def merge_run(self, run: RunSummary) -> None:
+        """Merge `run`'s adapter into the base its run.yaml names; the menu's adapter stays as it is."""
+        self._merge(adapter_of_run(run))
+
+    def _export(self, adapter: CurrentAdapter | None) -> None:
+        if self._job is not None or adapter is None or adapter.run_dir is None:
+            return
         chosen = self._choose_folder("Export the adapter to a folder")
-        if adapter is None or adapter.run_dir is None or chosen is None:
+        if chosen is None:
             return
         target = free_target(chosen, f"{adapter.run_dir.name}-adapter")
         self._run(export_job(adapter.run_dir, target), self._on_exported)
 
-    @Slot()
-    def _on_merge_triggered(self) -> None:
-        adapter = self.adapter
+    def _merge(self, adapter: CurrentAdapter | None) -> None:
+        if self._job is not None or adapter is None:
+            return
         chosen = self._choose_folder("Save the merged model to a folder")
-        if adapter is None or chosen is None:
+        if chosen is None:
             return
         name = f"{adapter.run_dir.name if adapter.run_dir else adapter.folder.name}-merged"
         target = free_target(chosen, name)

@@ -88,7 +88,7 @@ class DataPanel(QWidget):
         self.path_edit = QLineEdit()
         self.path_edit.setReadOnly(True)
         open_button = QPushButton("Open…")
-        open_button.clicked.connect(self._on_open_clicked)
+        open_button.clicked.connect(self.choose_file)
         demo_button = QPushButton("Built-in demo")
         demo_button.setToolTip("Dates to ISO 8601: 300 training and 60 held-out rows for the built-in model")
         demo_button.clicked.connect(lambda: self._load_spec(demo_spec()))
@@ -323,7 +323,8 @@ class DataPanel(QWidget):
         return str(self._settings.value("paths/data_folder", str(Path.home())))
 
     @Slot()
-    def _on_open_clicked(self) -> None:
+    def choose_file(self) -> None:
+        """Ask for a training file (the Open… button and File ▸ Open dataset…) and open it."""
         path, _ = QFileDialog.getOpenFileName(self, "Open training data", self._last_folder(), FILE_FILTER)
         if path:
             self._settings.setValue("paths/data_folder", str(Path(path).parent))

@@ -1,21 +1,21 @@
 """The studio's main window: module tree and adapter panel as docks, a tab area for the work panels (data,
 train, spectrum, playground and runs join it through `add_panel`), a status bar that shows loading progress,
-and the File and Help menus. Settings persist through the QSettings the window is given."""
+and the menus (File in file_menu.py, Adapter in adapter_actions.py). Settings persist through the QSettings the
+window is given."""
 
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QSettings, Qt, Signal, Slot
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtCore import QSettings, Qt, QUrl, Signal, Slot
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import (
     QDockWidget,
-    QFileDialog,
-    QInputDialog,
     QLabel,
     QMainWindow,
     QMenu,
@@ -32,6 +32,7 @@ from studio.core.models import LoadProgress
 from studio.ui.adapter_actions import AdapterActions
 from studio.ui.adapter_panel import AdapterPanel
 from studio.ui.data_panel import DataPanel
+from studio.ui.file_menu import FileMenu
 from studio.ui.model_loader import OpenedModel, load_model
 from studio.ui.model_summary import ModelSummary
 from studio.ui.module_tree_panel import ModuleTreePanel
@@ -45,7 +46,7 @@ from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 ORGANIZATION = "LoRA Studio"
 APPLICATION = "lora-studio"
-MAX_RECENT = 8
+VERSIONED = ("torch", "transformers", "peft", "PySide6-Essentials", "pyqtgraph")  # named in About and bug reports
 TREE_WIDTH, ADAPTER_WIDTH = 520, 380  # first-run dock widths (the work panels take the middle); then saved state
 FIRST_PRESET = "peft-default"  # what PEFT itself would target without target_modules
 BANNER_STYLE = "background: #fff4ce; color: #5c4400; border: 1px solid #e0c46c; padding: 6px;"
@@ -139,18 +140,8 @@ class MainWindow(QMainWindow):
         return self.tabs.currentWidget().widget()
 
     def _build_menus(self) -> None:
-        file_menu = self.menuBar().addMenu("&File")
-        self.open_actions = [
-            self._action(file_menu, "Open model &folder…", self._on_open_folder_triggered, QKeySequence.Open),
-            self._action(file_menu, "Open .&gguf file…", self._on_open_gguf_triggered),
-            self._action(file_menu, "Open &config only (plan mode)…", self._on_open_config_triggered),
-            self._action(file_menu, "Open &hub id…", self._on_open_hub_triggered),
-            self._action(file_menu, "Open the &built-in model", lambda: self.open_model("default")),
-        ]
-        self.recent_menu = file_menu.addMenu("Open &recent")
-        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
-        file_menu.addSeparator()
-        self._action(file_menu, "&Quit", self.close, QKeySequence.Quit)
+        self.file_menu = FileMenu(self, self.menuBar().addMenu("&File"), self.settings)
+        self.open_actions = self.file_menu.open_actions
         self.adapter_actions = AdapterActions(self, self.menuBar().addMenu("&Adapter"), self.settings)
         self.adapter_actions.sig_spectra_loaded.connect(self._on_spectra_requested)
         self.adapter_actions.sig_adapter_changed.connect(self.playground.set_adapter)
@@ -159,6 +150,10 @@ class MainWindow(QMainWindow):
         view_menu.addAction(self.adapter_dock.toggleViewAction())
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&About LoRA Studio", self._on_about_triggered)
+        copy = self._action(help_menu, "&Copy versions and device", self._on_copy_versions_triggered)
+        copy.setToolTip("For a bug report: the studio's and its libraries' versions, the system and the device")
+        if self._log_path is not None:
+            self._action(help_menu, "Open the &log file's folder", self._on_open_log_folder_triggered)
 
     def _connect_panels(self) -> None:
         """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
@@ -180,6 +175,9 @@ class MainWindow(QMainWindow):
         session.sig_finished.connect(self._on_training_finished)
         self.runs_panel.sig_resume_requested.connect(self._on_resume_requested)
         self.runs_panel.sig_spectra_requested.connect(self._on_spectra_requested)
+        self.runs_panel.sig_export_requested.connect(self.adapter_actions.export_run)
+        self.runs_panel.sig_merge_requested.connect(self.adapter_actions.merge_run)
+        self.adapter_actions.sig_busy_changed.connect(self.runs_panel.set_actions_busy)
 
     @Slot(str)
     def _on_resume_requested(self, run_dir: str) -> None:
@@ -198,12 +196,9 @@ class MainWindow(QMainWindow):
         if self._close_after_stop:
             self.close()
 
-    def _action(self, menu: QMenu, text: str, slot: Callable[[], object],
-                shortcut: QKeySequence.StandardKey | None = None) -> QAction:
+    def _action(self, menu: QMenu, text: str, slot: Callable[[], object]) -> QAction:
         action = menu.addAction(text)
         action.triggered.connect(slot)
-        if shortcut is not None:
-            action.setShortcut(shortcut)
         return action
 
     # ---- opening a model ----------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ class MainWindow(QMainWindow):
         self.status_label.setText(
             f"{name}: {len(tree.modules) - 1:,} modules, {human_count(tree.total_params)} parameters{took}"
         )
-        self._remember_recent(opened.spec)
+        self.file_menu.recent_models.remember(opened.spec)
         self.sig_model_opened.emit(opened)
 
     @Slot(object)
@@ -275,9 +270,12 @@ class MainWindow(QMainWindow):
             where = f" (details in {self._log_path})" if self._log_path else ""
             text = f"Unexpected error while opening the model: {failure.message}{where}"
         self.status_label.setText("Could not open the model")
-        self.error_dialog = QMessageBox(QMessageBox.Warning, "Cannot open the model", text, parent=self)
-        self.error_dialog.open()  # window-modal without blocking the event loop
+        self.show_error("Cannot open the model", text)
         self.sig_model_failed.emit(failure)
+
+    def show_error(self, title: str, text: str) -> None:
+        self.error_dialog = QMessageBox(QMessageBox.Warning, title, text, parent=self)
+        self.error_dialog.open()  # window-modal without blocking the event loop
 
     @Slot()
     def _on_loader_finished(self) -> None:
@@ -288,76 +286,53 @@ class MainWindow(QMainWindow):
 
     # ---- menus --------------------------------------------------------------------------------------------
 
-    def _last_folder(self) -> str:
-        return str(self.settings.value("paths/last_folder", str(Path.home())))
-
-    def _remember_folder(self, path: str) -> None:
-        self.settings.setValue("paths/last_folder", str(Path(path).parent if Path(path).is_file() else path))
-
-    @Slot()
-    def _on_open_folder_triggered(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Open a model folder", self._last_folder())
-        if folder:
-            self._remember_folder(folder)
-            self.open_model(folder)
-
-    @Slot()
-    def _on_open_gguf_triggered(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open a .gguf model", self._last_folder(), "GGUF (*.gguf)")
-        if path:
-            self._remember_folder(path)
-            self.open_model(path)
-
-    @Slot()
-    def _on_open_config_triggered(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Open a config.json (plan mode: no weights)", self._last_folder(), "Model config (*.json)"
-        )
-        if path:
-            self._remember_folder(path)
-            self.open_model(path)
-
-    @Slot()
-    def _on_open_hub_triggered(self) -> None:
-        hub_id, ok = QInputDialog.getText(self, "Open a hub model", "Hugging Face model id (org/name):")
-        if ok and hub_id.strip():
-            self.open_model(hub_id.strip())
-
     def recent_models(self) -> list[str]:
-        value = self.settings.value("models/recent", [])
-        return [value] if isinstance(value, str) else [str(v) for v in (value or [])]
+        return self.file_menu.recent_models.entries()
 
     def _remember_recent(self, spec: str) -> None:
-        recent = [spec] + [s for s in self.recent_models() if s != spec]
-        self.settings.setValue("models/recent", recent[:MAX_RECENT])
+        self.file_menu.recent_models.remember(spec)
 
-    @Slot()
-    def _fill_recent_menu(self) -> None:
-        self.recent_menu.clear()
-        for spec in self.recent_models():
-            action = self.recent_menu.addAction(spec)
-            action.triggered.connect(lambda _=False, s=spec: self.open_model(s))
-        if not self.recent_menu.actions():
-            self.recent_menu.addAction("(none yet)").setEnabled(False)
+    def versions(self) -> list[str]:
+        """The studio's and its libraries' versions ("name 1.2.3"), as About and a bug report show them."""
+        from studio import __version__
 
-    def about_text(self) -> str:
-        versions = []
-        for package in ("torch", "transformers", "peft", "PySide6-Essentials", "pyqtgraph"):
+        versions = [f"LoRA Studio {__version__}"]
+        for package in VERSIONED:
             try:
                 versions.append(f"{package.replace('-Essentials', '')} {metadata.version(package)}")
             except metadata.PackageNotFoundError:
                 continue
-        from studio import __version__
+        return versions
 
-        device = self.opened.machine.description if self.opened else "not checked yet (no model open)"
+    def device_text(self) -> str:
+        return self.opened.machine.description if self.opened else "not checked yet (no model open)"
+
+    def about_text(self) -> str:
+        title, *libraries = self.versions()
         return (
-            f"<h3>LoRA Studio {__version__}</h3><p>Fine-tune language models with LoRA and watch what happens "
-            f"while it happens.</p><p>{'<br>'.join(versions)}</p><p>Training device: {device}</p>"
+            f"<h3>{title}</h3><p>Fine-tune language models with LoRA and watch what happens "
+            f"while it happens.</p><p>{'<br>'.join(libraries)}</p><p>Training device: {self.device_text()}</p>"
         )
+
+    def bug_report_text(self) -> str:
+        """What Help ▸ Copy versions and device puts on the clipboard: plain lines to paste into an issue."""
+        system = f"Python {platform.python_version()} on {platform.platform()}"
+        return "\n".join([*self.versions(), system, f"Training device: {self.device_text()}"]) + "\n"
 
     @Slot()
     def _on_about_triggered(self) -> None:
         QMessageBox.about(self, "About LoRA Studio", self.about_text())
+
+    @Slot()
+    def _on_copy_versions_triggered(self) -> None:
+        QGuiApplication.clipboard().setText(self.bug_report_text())
+        self.statusBar().showMessage("Versions and device copied to the clipboard", 4000)
+
+    @Slot()
+    def _on_open_log_folder_triggered(self) -> None:
+        folder = self._log_path.parent  # type: ignore[union-attr] - the entry exists only with a log path
+        if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder))):
+            self.statusBar().showMessage(f"Could not open {folder}: the log is {self._log_path}", 8000)
 
     # ---- settings -----------------------------------------------------------------------------------------
 

@@ -107,10 +107,22 @@ def smoothed(values: np.ndarray, smoothing: float) -> np.ndarray:
     return out
 
 
+class StepAxis(pg.AxisItem):
+    """An axis of whole steps: zoomed in, it shows 1, 2, 3 rather than 1.5 or 2.25."""
+
+    def tickValues(self, minVal: float, maxVal: float, size: float) -> list:  # noqa: N802, N803 - pyqtgraph's names
+        levels = []
+        for spacing, values in super().tickValues(minVal, maxVal, size):
+            whole = [v for v in values if abs(v - round(v)) < 1e-9]
+            if whole:
+                levels.append((max(spacing, 1.0), whole))
+        return levels
+
+
 def step_plot(title: str, left: str) -> pg.PlotWidget:
     """A plot against the step that stays cheap to repaint while a run trains: axes of fixed width (tick labels
     of another width would re-lay out the plot), painted from a pixmap cache (their text is slow to draw)."""
-    widget = pg.PlotWidget()
+    widget = pg.PlotWidget(axisItems={"bottom": StepAxis("bottom")})
     item = widget.getPlotItem()
     item.setTitle(title, size="10pt")
     item.setLabel("left", left)
@@ -194,7 +206,7 @@ class TrainingPlots(QWidget):
     def _build_plots(self) -> None:
         loss, lr, grad, memory = self.widgets = (
             step_plot("Loss", "loss"), step_plot("Learning rate", "lr"),
-            step_plot("Gradient norm", "‖g‖ before clipping"), step_plot("GPU memory (peak per step)", "MiB"),
+            step_plot("Gradient norm", "norm before clipping"), step_plot("GPU memory (peak per step)", "MiB"),
         )
         loss.getPlotItem().addLegend(offset=(-10, 10))
         for curve, widget in ((self.loss_raw, loss), (self.loss_smooth, loss), (self.val_loss, loss),

@@ -88,7 +88,7 @@ class TrainPanel(QWidget):
         runs_row.addWidget(browse)
         self.save_config_button = QPushButton("Save run config…")
         self.save_config_button.setToolTip("Write run.yaml for `lora-studio train` (same run, no window)")
-        self.save_config_button.clicked.connect(self._on_save_config_clicked)
+        self.save_config_button.clicked.connect(self.save_config)
 
         self.fold_button = QToolButton()
         self.fold_button.setText("Hyperparameters")
@@ -278,16 +278,18 @@ class TrainPanel(QWidget):
         self.resume()
 
     @Slot()
-    def _on_save_config_clicked(self) -> None:
+    def save_config(self) -> None:
+        """Ask where, and write the run as run.yaml (the button and File ▸ Save run config…)."""
         try:
             config = self.run_config()
         except StudioError as exc:
             self._show_error(f"Cannot save the run config: {exc}")
             return
-        start = str(self.runs_dir() / "run.yaml")
-        path, _ = QFileDialog.getSaveFileName(self, "Save the run config", start, "Run config (*.yaml *.yml)")
+        start = Path(str(self._settings.value("paths/run_config", str(self.runs_dir())))) / "run.yaml"
+        path, _ = QFileDialog.getSaveFileName(self, "Save the run config", str(start), "Run config (*.yaml *.yml)")
         if not path:
             return
+        self._settings.setValue("paths/run_config", str(Path(path).parent))
         try:
             save(config, path)
         except StudioError as exc:

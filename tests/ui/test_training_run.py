@@ -223,8 +223,8 @@ def test_the_runs_panel_lists_the_run_and_overlays_its_loss_curve(run, qtbot):
     assert (summary.status, summary.steps_done, summary.total_steps) == ("finished", STEPS, STEPS)
     assert summary.final_loss == steps[-1].loss and summary.losses == tuple((m.step, m.loss) for m in steps)
     item = panel.table.topLevelItem(0)
-    assert [item.text(i) for i in (1, 2, 4, 5, 6)] == ["default", "60 modules · r=4", "4 / 4", "finished",
-                                                        f"{steps[-1].loss:.4f}"]
+    assert [item.text(i) for i in (1, 2, 4, 5, 6)] == ["finished", f"{steps[-1].loss:.4f}", "4 / 4", "default",
+                                                        "60 modules · r=4"]
     panel.set_ticked([run.finished.run_dir])
     curve = panel.curves[run.finished.run_dir]
     assert curve.xData.tolist() == [1, 2, 3, 4] and curve.yData.tolist() == [m.loss for m in steps]
