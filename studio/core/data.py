@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from studio.core.errors import DataError
 from studio.core.formats import (
     FORMATS, REQUIRED_ROLES, Format, Rendered, RowFormatter, RowProblem, detect_format, resolve_columns,
 )
+from studio.core.resources import resources_root
 from studio.core.tables import Record, Table, TxtMode, read_table
 
 FormatChoice = Literal["auto", "text", "instruction", "chat", "classification"]
 BadRowPolicy = Literal["skip", "stop"]
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' loss) skips
-DEMO_DIR = Path(__file__).resolve().parents[2] / "resources" / "demo"
+DEMO_DIR = resources_root() / "demo"  # the source tree's resources/ or a wheel's share/lora-studio
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,10 @@ def run_gui(model_spec: str = "default", argv: Sequence[str] | None = None) -> i
         return EXIT_NO_DISPLAY
 
     from PySide6.QtCore import QSettings
+    from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
+    from studio.core.resources import APP_NAME, app_icon_path
     from studio.ui.main_window import APPLICATION, ORGANIZATION, MainWindow
     from studio.ui.worker import BackgroundJob
 
@@ -52,6 +54,8 @@ def run_gui(model_spec: str = "default", argv: Sequence[str] | None = None) -> i
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
     app.setApplicationDisplayName("LoRA Studio")
+    app.setWindowIcon(QIcon(str(app_icon_path())))
+    app.setDesktopFileName(APP_NAME)  # Wayland shows the icon named by the installed lora-studio.desktop
     window = MainWindow(QSettings(ORGANIZATION, APPLICATION), log_path=_log_to_file())
     window.show()
     window.open_model(model_spec)
