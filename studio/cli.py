@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     merge.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
 
+    from studio.core.gguf_export import GGUF_TYPES
+
+    gg = sub.add_parser("export-gguf", help="merge an adapter into its base and write one .gguf file for llama.cpp "
+                        "and Ollama (with an Ollama Modelfile beside it)")
+    gg.add_argument("source", help="a run folder or a PEFT adapter folder")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument("--type", dest="out_type", choices=GGUF_TYPES, default="f16",
+                    help="weight type: f16 keeps the merge nearly exact; q8_0 halves the file")
+    gg.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
+
     spec = sub.add_parser("spectrum", help="singular values and effective ranks of every update in an adapter")
     spec.add_argument("adapter", help="a PEFT adapter folder or a run folder")
     spec.add_argument("--json", action="store_true", help="print one JSON object")
@@ -363,6 +373,29 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from studio.core.gguf_export import export_adapter_gguf
+
+    stages: list[str] = []
+
+    def on_progress(progress: Any) -> None:  # one line a stage, not one a tensor
+        if progress.stage not in stages:
+            stages.append(progress.stage)
+            sys.stderr.write(f"{progress.message}\n")
+
+    report = export_adapter_gguf(_adapter_folder(args.source), _base_of(args.source, args.base), args.out,
+                                 args.out_type, on_progress=on_progress)
+    for note in report.notes:
+        sys.stderr.write(f"note: {note}\n")
+    print(f"GGUF file written to {report.path} ({report.out_type}, {_human_bytes(report.bytes)}, {report.tensors} "
+          f"tensors, {report.seconds:.1f} s); Ollama: cd to its folder and run `ollama create NAME -f Modelfile`")
+    if report.verified:
+        agreed = round(report.top1_agreement * report.probe_tokens)
+        print(f"llama.cpp check: next token agrees on {agreed}/{report.probe_tokens} probe positions, max logit "
+              f"difference {report.max_logit_diff:.2e}, tokenization {'matches' if report.tokens_agree else 'DIFFERS'}")
+    return 0
+
+
 def cmd_spectrum(args: argparse.Namespace) -> int:
     from studio.core.spectrum import advise_ranks, read_adapter_spectra
 
@@ -431,7 +464,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
 COMMANDS = {
     "gui": cmd_gui, "inspect": cmd_inspect, "count": cmd_count, "train": cmd_train, "resume": cmd_resume,
     "init-run": cmd_init_run, "export": cmd_export, "merge": cmd_merge, "spectrum": cmd_spectrum,
-    "generate": cmd_generate,
+    "generate": cmd_generate, "export-gguf": cmd_export_gguf,
 }
 
 
