@@ -34,6 +34,7 @@ from studio.core.modelfile import write_modelfile
 
 GgufType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+OPEN_SHARE = 0.2  # of export_adapter_gguf's progress, for opening the base model
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # digits, contractions, runs of spaces and newlines: where pre-tokenizers differ
 PROBE_MESSAGE = "Does the merged model answer like its adapter? It's 1234567 tokens, isn't it?\n\n  Yes: 3.14."
@@ -78,16 +79,19 @@ def export_adapter_gguf(
     *,
     on_progress: MergeProgressCallback | None = None,
 ) -> GgufReport:
-    """Open `base` (a model spec, as `open_model` takes), put the adapter on it and export the merge to `out_path`."""
+    """Open `base` (a model spec, as `open_model` takes), put the adapter on it and export the merge to `out_path`.
+    Progress covers the whole job: opening the base takes the first OPEN_SHARE of it."""
     from studio.core.models import open_model
 
     read_adapter_info(adapter_dir)  # a wrong folder fails now, not after the base model has loaded
     _check_out_type(out_type)
-    loaded = open_model(base)
+    report = on_progress or (lambda _p: None)
+    loaded = open_model(base, on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
     peft_model = load_adapter(loaded, adapter_dir)
     source = loaded.source
     pre = source_tokenizer_pre(Path(source.location) / source.gguf_file) if source.gguf_file else None
-    return export_gguf(peft_model, loaded.tokenizer, out_path, out_type, on_progress=on_progress, tokenizer_pre=pre)
+    return export_gguf(peft_model, loaded.tokenizer, out_path, out_type, tokenizer_pre=pre, on_progress=lambda p: report(
+        MergeProgress(p.stage, OPEN_SHARE + (1 - OPEN_SHARE) * p.fraction, p.message)))
 
 
 def export_gguf(

@@ -1,5 +1,6 @@
-"""The Adapter menu: export the run's adapter, merge it into its base and save the result, load a saved
-adapter to inspect its spectra. Each runs off the UI thread and ends with a message naming the folder.
+"""The Adapter menu: export the run's adapter, merge it into its base and save the result, export the merge as
+one GGUF file for llama.cpp and Ollama, load a saved adapter to inspect its spectra. Each runs off the UI thread
+and ends with a message naming what it wrote.
 
 "The adapter" is the one the window last had in hand: the run that just ended, or a folder loaded here. The
 Runs panel exports or merges the run selected there instead (`export_run`, `merge_run`), its base and task
@@ -24,6 +25,13 @@ from studio.ui.run_folder import RunSummary, run_adapter
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model
+# one save dialog picks both the file and its weight type, through the file-type filter
+GGUF_FILTERS = {
+    "GGUF, 16-bit float: nearly exact (*.gguf)": "f16",
+    "GGUF, 8-bit q8_0: half the size of f16 (*.gguf)": "q8_0",
+    "GGUF, bfloat16 (*.gguf)": "bf16",
+    "GGUF, 32-bit float: exact, largest (*.gguf)": "f32",
+}
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +68,14 @@ def adapter_of_run(run: RunSummary) -> CurrentAdapter | None:
     return CurrentAdapter(folder, run.model, run.folder, run.task) if folder is not None else None
 
 
+def _base_of(adapter: CurrentAdapter) -> str:
+    if not adapter.base_spec:
+        from studio.core.errors import ExportError
+
+        raise ExportError(f"{adapter.folder} does not name its base model: open the base and merge from a run")
+    return adapter.base_spec
+
+
 def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], MergeReport]:
     def job(report: Report) -> MergeReport:
         from studio.core.export import load_adapter, merge_and_save
@@ -67,11 +83,7 @@ def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], Merge
         from studio.ui.model_loader import import_libraries
 
         import_libraries()
-        if not adapter.base_spec:
-            from studio.core.errors import ExportError
-
-            raise ExportError(f"{adapter.folder} does not name its base model: open the base and merge from a run")
-        loaded = open_model(adapter.base_spec, task=adapter.task,  # type: ignore[arg-type]
+        loaded = open_model(_base_of(adapter), task=adapter.task,  # type: ignore[arg-type]
                             on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
         peft_model = load_adapter(loaded, adapter.folder)
         dtype = loaded.dtype if loaded.dtype in ("float32", "bfloat16", "float16") else "float32"
@@ -79,6 +91,18 @@ def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], Merge
             peft_model, loaded.tokenizer, target, dtype=dtype,  # type: ignore[arg-type]
             on_progress=lambda p: report(replace(p, fraction=OPEN_SHARE + (1 - OPEN_SHARE) * p.fraction)),
         )
+
+    return job
+
+
+def gguf_job(adapter: CurrentAdapter, target: Path, out_type: str) -> Callable[[Report], Any]:
+    def job(report: Report) -> Any:
+        from studio.core.gguf_export import export_adapter_gguf
+        from studio.ui.model_loader import import_libraries
+
+        import_libraries()
+        return export_adapter_gguf(adapter.folder, _base_of(adapter), target, out_type,  # type: ignore[arg-type]
+                                   on_progress=report)
 
     return job
 
@@ -122,6 +146,10 @@ class AdapterActions(QObject):
         self.merge_action = menu.addAction("&Merge and save…")
         self.merge_action.setToolTip("Fold the adapter into its base and save one plain model folder")
         self.merge_action.triggered.connect(self._on_merge_triggered)
+        self.gguf_action = menu.addAction("Export &GGUF for llama.cpp / Ollama…")
+        self.gguf_action.setToolTip("Merge the adapter into its base and write one .gguf file (and an Ollama "
+                                    "Modelfile), checked in llama.cpp against the merged model")
+        self.gguf_action.triggered.connect(self._on_gguf_triggered)
         menu.addSeparator()
         self.load_action = menu.addAction("&Load adapter…")
         self.load_action.setToolTip("Read a saved LoRA adapter and show its singular values")
@@ -156,6 +184,7 @@ class AdapterActions(QObject):
         idle = self._job is None
         self.export_action.setEnabled(idle and self.adapter is not None and self.adapter.run_dir is not None)
         self.merge_action.setEnabled(idle and self.adapter is not None)
+        self.gguf_action.setEnabled(idle and self.adapter is not None)
         self.load_action.setEnabled(idle)
         self.sig_busy_changed.emit(not idle)
 
@@ -202,13 +231,33 @@ class AdapterActions(QObject):
             return
         name = f"{adapter.run_dir.name if adapter.run_dir else adapter.folder.name}-merged"
         target = free_target(chosen, name)
-        self.progress_dialog = QProgressDialog(f"Merging into {target}…", "", 0, 1000, self._window)
-        self.progress_dialog.setCancelButton(None)  # a merge cannot be interrupted half-written
-        self.progress_dialog.setWindowTitle("Merge and save")
+        self._show_progress("Merge and save", f"Merging into {target}…")
+        self._run(merge_job(adapter, target), self._on_merged, self._on_merge_progress)
+
+    @Slot()
+    def _on_gguf_triggered(self) -> None:
+        adapter = self.adapter
+        if self._job is not None or adapter is None:
+            return
+        name = adapter.run_dir.name if adapter.run_dir else adapter.folder.name
+        start = Path(str(self._settings.value("paths/adapters", str(Path.home())))) / f"{name}.gguf"
+        path, chosen_filter = QFileDialog.getSaveFileName(
+            self._window, "Export the merged model as GGUF", str(start), ";;".join(GGUF_FILTERS))
+        if not path:
+            return
+        self._settings.setValue("paths/adapters", str(Path(path).parent))
+        out_type = GGUF_FILTERS.get(chosen_filter, "f16")
+        target = Path(path) if path.endswith(".gguf") else Path(f"{path}.gguf")
+        self._show_progress("Export GGUF", f"Writing {target}…")
+        self._run(gguf_job(adapter, target, out_type), self._on_gguf_written, self._on_merge_progress)
+
+    def _show_progress(self, title: str, text: str) -> None:
+        self.progress_dialog = QProgressDialog(text, "", 0, 1000, self._window)
+        self.progress_dialog.setCancelButton(None)  # the job cannot be interrupted half-written
+        self.progress_dialog.setWindowTitle(title)
         self.progress_dialog.setWindowModality(Qt.WindowModal)
         self.progress_dialog.setMinimumDuration(0)
         self.progress_dialog.setValue(0)
-        self._run(merge_job(adapter, target), self._on_merged, self._on_merge_progress)
 
     @Slot()
     def _on_load_triggered(self) -> None:
@@ -252,6 +301,20 @@ class AdapterActions(QObject):
         self._tell("Merged model saved",
                    f"The merged model was saved to {report.path} in {report.seconds:.0f} s.\n"
                    f"Max logit difference against base + adapter: {report.max_logit_diff:.2e}{rounding}.{notes}")
+
+    @Slot(object)
+    def _on_gguf_written(self, report: Any) -> None:
+        size = f"{report.bytes / 2**20:,.1f} MiB"
+        if report.verified:
+            agreed = round(report.top1_agreement * report.probe_tokens)
+            check = (f"llama.cpp ran it: the next token agrees with the merged model on {agreed} of "
+                     f"{report.probe_tokens} probe positions (max logit difference {report.max_logit_diff:.2g}).")
+        else:
+            check = "Not checked in llama.cpp here (llama-cpp-python is not installed)."
+        notes = "".join(f"\n• {note}" for note in report.notes)
+        self._tell("GGUF file written",
+                   f"The GGUF file was saved to {report.path} ({report.out_type}, {size}, {report.seconds:.0f} s).\n"
+                   f"{check}\nOllama: in that folder, run `ollama create NAME -f {Path(report.modelfile).name}`.{notes}")
 
     @Slot(object)
     def _on_loaded(self, loaded: LoadedAdapter) -> None:

@@ -213,6 +213,29 @@ def test_merge_and_save_ends_with_the_folder_and_the_max_logit_difference(run, q
     qtbot.waitUntil(lambda: actions.progress_dialog is None)
 
 
+def test_export_gguf_from_the_menu_writes_a_file_llama_cpp_runs_and_a_modelfile(run, qtbot, monkeypatch):
+    from studio.ui.adapter_actions import GGUF_FILTERS
+
+    actions = run.window.adapter_actions
+    actions.set_run_result(run.finished, "default")
+    chosen = run.root / "gguf" / "dates"  # no suffix typed: the studio adds .gguf
+    chosen.parent.mkdir()
+    q8_filter = next(name for name, kind in GGUF_FILTERS.items() if kind == "q8_0")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *args, **kwargs: (str(chosen), q8_filter)))
+    with qtbot.waitSignal(actions.sig_message, timeout=300_000) as message:
+        actions.gguf_action.trigger()
+        assert actions.progress_dialog is not None and not actions.gguf_action.isEnabled()
+    text = message.args[0]
+    target = chosen.with_suffix(".gguf")
+    assert text.startswith(f"The GGUF file was saved to {target} (q8_0, "), text
+    agreed, probed = map(int, re.search(r"agrees with the merged model on (\d+) of (\d+)", text).groups())
+    assert probed > 20 and agreed >= 0.8 * probed  # q8_0 rounds the weights: most next tokens stay the same
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert (target.parent / "Modelfile").read_text().startswith(f"FROM ./{target.name}")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["Modelfile", "dates.gguf"]  # no temp file left
+    qtbot.waitUntil(lambda: actions.progress_dialog is None)
+
+
 def test_the_runs_panel_lists_the_run_and_overlays_its_loss_curve(run, qtbot):
     window = run.window
     window.show_panel(window.runs_panel)
