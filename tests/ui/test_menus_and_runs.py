@@ -22,10 +22,9 @@ from studio.core.runconfig import load
 from studio.ui.adapter_actions import CurrentAdapter, adapter_of_run
 from studio.ui.main_window import MainWindow
 from studio.ui.runs_panel import NO_ADAPTER, SELECTED_WIDTH
-from tests.ui.test_screenshots import SIZE, distinct_colours
+from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import configure_tiny_run, wait_until, write_demo_rows
 
-SHOTS = Path("/tmp/shots")
 
 
 @dataclass
@@ -133,7 +132,8 @@ def test_open_run_on_a_folder_that_is_not_a_run_says_so_in_one_line(runs, monkey
 
 # ---- the overlay --------------------------------------------------------------------------------------------
 
-def test_two_ticked_runs_show_their_training_and_validation_losses_in_their_own_colours(runs, monkeypatch, qtbot):
+def test_two_ticked_runs_show_their_training_and_validation_losses_in_their_own_colours(runs, monkeypatch, qtbot,
+                                                                                      tmp_path):
     window, panel = runs.window, runs.window.runs_panel
     open_run(runs, monkeypatch, runs.outside)
     panel.set_ticked([str(runs.inside), str(runs.outside)])
@@ -157,10 +157,9 @@ def test_two_ticked_runs_show_their_training_and_validation_losses_in_their_own_
     assert panel.curves[str(runs.inside)].opts["pen"].widthF() < SELECTED_WIDTH
 
     qtbot.wait(150)  # the layout settles
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for name, widget in (("runs-panel-two-runs.png", panel), ("window-runs-two-runs.png", window)):
-        assert widget.grab().save(str(SHOTS / name))
-        assert distinct_colours(SHOTS / name) > 20
+    path = target(tmp_path, "runs-panel-two-runs.png")
+    assert window.grab().save(str(path))
+    assert distinct_colours(path) > 20
 
 
 def test_double_click_ticks_the_run_and_draws_its_curves_bold(runs, qtbot):
