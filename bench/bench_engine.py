@@ -1,8 +1,12 @@
 """Training speed of the studio's engine beside HF Trainer + PEFT, measured in the same run (GPU machine).
 
 Workload of ../shared/bench/hf_peft_baseline.py: a random-init Llama-3.2-1B-shaped model, LoRA r=16 on all
-linear layers, sequence 1024, batch 8, bf16, SDPA. Prints tokens/s, peak memory, the ratio against the
-baseline, and the memory estimate beside the measured peak.
+linear layers, sequence 1024, batch 8, bf16, SDPA. Prints tokens/s, peak memory and the ratio against the
+baseline for each engine variant, the time compiling took and the run length that repays it, and the memory
+estimate beside the measured peak. Variants (--variants, in this order by default):
+  plain    the model's own loss, eager layers (fused_loss=false, compile_layers=false: what a CPU run does)
+  fused    chunked linear cross-entropy (fused_loss=true), eager layers: what `auto` runs until compiling pays
+  compiled chunked loss and torch.compile on each decoder layer (compile_layers=true)
 
     python bench/bench_engine.py --baseline PATH/hf_peft_baseline.py --tokenizer TOKENIZER_DIR [--steps 30]
 
@@ -53,7 +57,16 @@ def write_text_data(tokenizer_dir: str, path: Path, rows: int, seq: int) -> None
             handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(int(seq * 1.5)))}) + "\n")
 
 
-def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int) -> dict:
+VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "fused": dict(fused_loss=True, compile_layers=False),
+            "compiled": dict(fused_loss=True, compile_layers=True)}
+
+
+def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int, variant: str) -> dict:
+    import gc
+    import time
+
+    import torch
+
     from studio.core import events as ev
     from studio.core.engine import train
     from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
@@ -63,18 +76,32 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
         plan={"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
         data={"train_path": str(data), "format": "text", "max_length": seq},
         training=TrainingConfig(max_steps=steps, batch_size=batch, learning_rate=2e-4, eval_every=0,
-                                save_every=0, spectrum_every=0, precision="bf16"),
-        output_dir=str(out),
+                                save_every=0, spectrum_every=0, precision="bf16", **VARIANTS[variant]),
+        output_dir=str(out / variant),
     )
     events: list = []
+    began = time.perf_counter()
     result = train(config, events.append)
+    wall = time.perf_counter() - began
     if isinstance(result, ev.Failed):
-        raise SystemExit(f"engine failed: {result.message}")
-    steps_ = [e for e in events if isinstance(e, ev.StepMetrics)][5:]
+        raise SystemExit(f"engine ({variant}) failed: {result.message}")
+    for message in (e for e in events if isinstance(e, ev.LogMessage) and e.level != "info"):
+        print(f"  [{variant}] {message.level}: {message.text}")
+    all_steps = [e for e in events if isinstance(e, ev.StepMetrics)]
+    steps_ = all_steps[5:]
     started = next(e for e in events if isinstance(e, ev.RunStarted))
+    step_s = [batch * seq / e.tokens_per_s for e in all_steps]
+    gc.collect()
+    torch.cuda.empty_cache()
     return {
+        "variant": variant,
         "tokens_per_s": statistics.median(e.tokens_per_s for e in steps_),
+        "best_tokens_per_s": max(e.tokens_per_s for e in steps_),
         "peak_mem_gib": max(e.gpu_mem_bytes for e in steps_) / 2**30,
+        "first_step_s": step_s[0],
+        "median_step_s": statistics.median(step_s[5:]),
+        "run_wall_s": wall,
+        "losses": [round(e.loss, 5) for e in all_steps],
         "trainable": started.counts["trainable"],
     }
 
@@ -97,7 +124,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--variants", default="plain,fused,compiled", help="comma-separated: " + ", ".join(VARIANTS))
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANTS)))}")
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     folder, data = work / "model", work / "train.jsonl"
     build_model_folder(args.tokenizer, folder)
@@ -118,14 +149,30 @@ def main() -> None:
     if done.returncode != 0 or not lines:
         raise SystemExit(f"baseline failed:\n{done.stderr[-3000:]}")
     baseline = json.loads(lines[-1])
-    ours = run_engine(folder, data, work / "runs", args.steps, args.seq, args.batch)
+    runs = {v: run_engine(folder, data, work / "runs", args.steps, args.seq, args.batch, v) for v in variants}
     estimate = estimate_gib(folder, args.seq, args.batch)
-    ratio = ours["tokens_per_s"] / baseline["tokens_per_s"]
-    print(f"HF Trainer + PEFT : {baseline['tokens_per_s']:>9,.0f} tokens/s, peak {baseline['peak_mem_gib']:.1f} GiB")
-    print(f"LoRA Studio engine: {ours['tokens_per_s']:>9,.0f} tokens/s, peak {ours['peak_mem_gib']:.1f} GiB")
-    print(f"ratio (engine / baseline): {ratio:.2f}x speed, {ours['peak_mem_gib'] / baseline['peak_mem_gib']:.2f}x memory")
-    print(f"memory estimate {estimate:.1f} GiB vs measured peak {ours['peak_mem_gib']:.1f} GiB")
-    print(json.dumps({"baseline": baseline, "engine": ours, "ratio": ratio, "estimate_gib": estimate}))
+    print(f"HF Trainer + PEFT        : {baseline['tokens_per_s']:>9,.0f} tokens/s, peak "
+          f"{baseline['peak_mem_gib']:.1f} GiB")
+    for variant, ours in runs.items():
+        ours["ratio"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
+        print(f"engine, {variant:<17}: {ours['tokens_per_s']:>9,.0f} tokens/s, peak {ours['peak_mem_gib']:.1f} GiB, "
+              f"ratio {ours['ratio']:.2f}x speed, {ours['peak_mem_gib'] / baseline['peak_mem_gib']:.2f}x memory "
+              f"(first step {ours['first_step_s']:.1f} s, whole run {ours['run_wall_s']:.0f} s)")
+    summary: dict = {"baseline": baseline, "engine": runs, "estimate_gib": estimate}
+    if "fused" in runs and "compiled" in runs:
+        fused, compiled = runs["fused"], runs["compiled"]
+        compile_s = compiled["first_step_s"] - fused["first_step_s"]
+        saved = fused["median_step_s"] - compiled["median_step_s"]
+        summary.update(compile_s=compile_s, compile_gain=saved / fused["median_step_s"],
+                       break_even_steps=compile_s / saved if saved > 0 else None)
+        print(f"compiling took {compile_s:.1f} s and saves {saved * 1e3:.1f} ms a step "
+              f"({100 * saved / fused['median_step_s']:.1f}%): it pays after "
+              + (f"{compile_s / saved:.0f} steps" if saved > 0 else "never"))
+    for variant, ours in runs.items():
+        print(f"losses, {variant}: {ours['losses'][:6]}")
+    peak = max(r["peak_mem_gib"] for r in runs.values())
+    print(f"memory estimate {estimate:.1f} GiB vs the engine's measured peak {peak:.1f} GiB")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

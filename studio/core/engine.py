@@ -5,6 +5,10 @@ runs AdamW with warmup and a cosine/linear schedule. It reports everything as ty
 writes them to the run directory's metrics.jsonl as it goes. Between steps it honours stop and pause
 requests from `control`; both leave a checkpoint that `resume` continues exactly (adapter weights, optimizer,
 scheduler, RNG states and the data position, which is a function of the step).
+
+On a CUDA GPU the defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full
+logits (losses.py, `fused_loss`) and, once a run is long enough to repay compiling, torch.compile on each decoder
+layer (compilation.py, `compile_layers`). A step syncs the host once, after backward, to read its loss and norm.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ class TrainControl:
         while self._pause.is_set() and not self._stop.is_set():
             self._wake.wait(0.1)
             self._wake.clear()
+
+
+@dataclass
+class _StepBatches:
+    micro: list[dict[str, Any]]  # on the device
+    label_tokens: int  # counted tokens over all micro-batches: the loss's divisor
+    tokens: int
 
 
 @dataclass
@@ -158,7 +169,8 @@ def train(
     emit = _Recorder(run_dir, emit_to_caller)
     state = _RunState()
     try:
-        return _run(config, emit, control, run_dir, checkpoint, loaded, state)
+        with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
+            return _run(config, emit, control, run_dir, checkpoint, loaded, state, undo)
     except TrainingError as exc:
         return _fail(emit, str(exc), state, run_dir)
     except StudioError as exc:
@@ -209,13 +221,14 @@ def _run(
     checkpoint: Path | None,
     loaded: Any | None,
     state: _RunState,
+    undo: contextlib.ExitStack,
 ) -> ev.Finished | ev.Failed:
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from studio.core import data as datamod
-    from studio.core import inventory, spectrum
+    from studio.core import compilation, inventory, losses, spectrum
     from studio.core.plan import LoraPlan, count, to_peft_config, validate
 
     t = config.training
@@ -312,6 +325,39 @@ def _run(
             out.append(datamod.collate(picked, pad_id))
         return out
 
+    # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
+    fused = is_lm and world == 1 and _fused_loss_on(t.fused_loss, trainable, is_cuda, precision, emit)
+    if fused:  # one row, checked against the model's own loss before the first step
+        row = {k: v[:1].to(accelerator.device) for k, v in micro_batches(state.step)[0].items()}
+        labels = row.pop("labels")
+        if not losses.matches_model(trainable, row, labels, accelerator.autocast):
+            emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
+            fused = False
+    compile_when, why_not = compilation.when(t.compile_layers, is_cuda=is_cuda, quantized=bool(loaded.quantization),
+                                             checkpointing=t.gradient_checkpointing)
+    if why_not and t.compile_layers is True:
+        emit(ev.LogMessage(f"compile_layers is off for this run: {why_not}", "warning"))
+    compiled: list[Any] = []
+    eager_times: list[float] = []  # `auto`'s probe
+
+    def compile_layers() -> None:
+        compiled.extend(compilation.compile_blocks(trainable))
+        undo.callback(compilation.uncompile, compiled)
+        emit(ev.LogMessage(f"compiling {len(compiled)} decoder layers: the next step takes longer, the rest less"))
+
+    def step_batches(step: int) -> _StepBatches:
+        """The step's micro-batches on the device (copied without blocking the host) and the counts they carry."""
+        cpu = micro_batches(step)
+        # the model shifts labels by one, so the first position of each row never counts
+        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in cpu) if is_lm else 0
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in cpu)  # packed batches carry position_ids instead of a mask
+        moved = [_to_device(b, accelerator.device, fused) for b in cpu]
+        return _StepBatches(moved, label_tokens, tokens)
+
+    if compile_when == "now":
+        compile_layers()
+    prefetched: dict[int, _StepBatches] = {}
     spectrum_next = state.step
     while state.step < t.max_steps:
         if control.stop_requested:
@@ -324,26 +370,30 @@ def _run(
             if not control.stop_requested:
                 emit(ev.Resumed(state.step))
             continue
+        if compile_when == "probe" and len(eager_times) == compilation.PROBE_STEPS + 1:
+            compile_when = None
+            if compilation.pays(sorted(eager_times[1:])[compilation.PROBE_STEPS // 2], t.max_steps - state.step):
+                compile_layers()
 
         started = time.perf_counter()
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         peft_model.train()
-        batches = micro_batches(state.step)
-        # the model shifts labels by one, so the first position of each row never counts
-        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) if is_lm else 0
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches)  # packed batches carry position_ids instead of a mask
-        loss_sum = 0.0
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            last = i == len(batches) - 1
+        batches = prefetched.pop(state.step, None) or step_batches(state.step)
+        micro_losses = []
+        for i, batch in enumerate(batches.micro):
+            last = i == len(batches.micro) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
                 with accelerator.autocast():
-                    loss = _step_loss(peft_model, batch, label_tokens, len(batches), is_lm)
+                    loss = _step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
+                                      compiled=bool(compiled))
                 accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            micro_losses.append(loss.detach())
         grad_norm = _clip(accelerator, params, t.max_grad_norm)
+        if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
+            prefetched = {state.step + 1: step_batches(state.step + 1)}
+        # the step's one host sync; float64 sums the micro-batch losses as Python floats did
+        loss_sum, grad_norm = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()]).tolist()
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             raise TrainingError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
@@ -353,40 +403,80 @@ def _run(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += tokens * world
+        state.tokens_seen += batches.tokens * world
         step_time = time.perf_counter() - started
+        if compile_when == "probe":
+            eager_times.append(step_time)
         state.elapsed_s += step_time
         state.last_loss = loss_sum
         per_step = state.elapsed_s / state.step
         emit(ev.StepMetrics(
             step=state.step, total_steps=t.max_steps, epoch=state.step * micro_per_step / batches_per_epoch,
             loss=loss_sum, lr=float(scheduler.get_last_lr()[0]), grad_norm=grad_norm,
-            tokens_per_s=tokens * world / step_time if step_time > 0 else 0.0, tokens_seen=state.tokens_seen,
-            elapsed_s=state.elapsed_s, eta_s=per_step * (t.max_steps - state.step),
+            tokens_per_s=batches.tokens * world / step_time if step_time > 0 else 0.0,
+            tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s, eta_s=per_step * (t.max_steps - state.step),
             gpu_mem_bytes=int(torch.cuda.max_memory_allocated(accelerator.device)) if is_cuda else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
             emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+            with compilation.eager(compiled):
+                _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             path = _save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
             emit(ev.CheckpointSaved(state.step, str(path)))
 
     if prepared.val:
-        _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+        with compilation.eager(compiled):
+            _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
     if t.spectrum_every:
         emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
     return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=False)
 
 
-def _step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool) -> Any:
+def _step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool, *,
+               compiled: bool) -> Any:
     """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
+    from studio.core import losses
+
+    if "targets" in batch:  # the chunked loss (`_to_device` turned the labels into counted positions)
+        inputs = {k: v for k, v in batch.items() if k not in ("positions", "targets")}
+        return losses.causal_lm_loss(model, inputs, batch["positions"], batch["targets"], max(1, label_tokens),
+                                     compiled=compiled)
     # use_cache=False: with a cache, transformers ignores packed position_ids and lets packed examples attend
     if is_lm:
         return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
     return model(**batch).loss / micro
+
+
+def _to_device(batch: dict[str, Any], device: Any, fused: bool) -> dict[str, Any]:
+    """On CUDA through pinned memory, so the copy does not wait for the GPU. For the chunked loss the labels become
+    the counted positions and their tokens (found here, on the CPU), and a mask without padding is left out:
+    transformers would sum it on the GPU (a sync) only to drop it."""
+    from studio.core import losses
+
+    if fused:
+        batch = dict(batch)
+        batch["positions"], batch["targets"] = losses.select_targets(batch.pop("labels"))
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            del batch["attention_mask"]
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: _Recorder) -> bool:
+    """auto: on a CUDA GPU, for models whose head the chunked loss reproduces (losses.blocker)."""
+    from studio.core import losses
+
+    if setting is False or (setting == "auto" and not is_cuda):
+        return False
+    # fp16 scales the loss; the gradient the chunked loss computes ahead of backward would underflow unscaled
+    reason = "fp16 needs the loss scale before the gradient" if precision == "fp16" else losses.blocker(model)
+    if reason and setting is True:
+        emit(ev.LogMessage(f"fused_loss is off for this run: {reason}", "warning"))
+    return reason is None
 
 
 def _plan_of_adapter(tree: Any, adapter_dir: str) -> Any:
@@ -412,13 +502,14 @@ def _plan_of_adapter(tree: Any, adapter_dir: str) -> Any:
                     variant=info.variant, modules_to_save=tuple(config.get("modules_to_save") or ()))
 
 
-def _clip(accelerator: Any, params: list[Any], max_norm: float) -> float:
+def _clip(accelerator: Any, params: list[Any], max_norm: float) -> Any:
+    """The gradient norm before clipping, as a tensor on the device (read with the step's one sync)."""
     import torch
 
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        return torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm), device=accelerator.device)
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=accelerator.device)
 
 
 def _optimizer(params: list[Any], t: Any, device: str) -> Any:

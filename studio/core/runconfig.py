@@ -44,6 +44,9 @@ class TrainingConfig:
     save_every: int = 50  # steps between checkpoints; 0 keeps only the final adapter
     spectrum_every: int = 10  # steps between spectrum snapshots; 0 turns them off
     keep_checkpoints: int = 2  # older checkpoints are removed, the newest kept
+    # the fast path (same math): true / false / auto
+    fused_loss: bool | str = "auto"  # chunked cross-entropy without the full logits; auto: on a CUDA GPU
+    compile_layers: bool | str = "auto"  # torch.compile each decoder layer (CUDA); auto: once a run is long enough
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class RunConfig:
         _require(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 turns clipping off)")
         for name in ("eval_every", "save_every", "spectrum_every", "eval_examples"):
             _require(getattr(t, name) >= 0, f"training.{name} must be >= 0")
+        for name in ("fused_loss", "compile_layers"):
+            value = getattr(t, name)
+            _require(isinstance(value, bool) or value == "auto",
+                     f"training.{name}: use true, false or auto, got {value!r}")
         _require(self.model.task in ("causal-lm", "seq-cls"), "model.task: use causal-lm or seq-cls")
 
 

@@ -47,17 +47,19 @@ def model_folder(tmp_path_factory):
     return folder
 
 
-def run(model_folder, tmp_path, **model):
+def run(model_folder, tmp_path, training=None, loaded=None, **model):
+    settings = dict(max_steps=8, batch_size=8, learning_rate=5e-3, eval_every=0, save_every=4, spectrum_every=4,
+                    warmup_ratio=0.0)
+    settings.update(training or {})
     config = RunConfig(
         model=ModelConfig(source=str(model_folder), device="cuda", **model),
         plan={"targets": "all-linear", "rank": 8, "alpha": 16, "dropout": 0.0},
         data={"train_path": str(model_folder / "train.jsonl"), "format": "text", "max_length": 64},
-        training=TrainingConfig(max_steps=8, batch_size=8, learning_rate=5e-3, eval_every=0, save_every=4,
-                                spectrum_every=4, warmup_ratio=0.0),
+        training=TrainingConfig(**settings),
         output_dir=str(tmp_path),
     )
     events: list = []
-    result = train(config, events.append)
+    result = train(config, events.append, loaded=loaded)
     return result, events
 
 
@@ -84,3 +86,33 @@ def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
     assert steps[-1].loss < steps[0].loss
     spectra = [e for e in events if isinstance(e, ev.SpectrumSnapshot)]
     assert spectra[-1].modules and spectra[-1].modules[0].values[0] > 0
+
+
+def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folder, tmp_path, monkeypatch):
+    """Chunked loss and compiled decoder layers against the model's own loss and eager layers, step by step (bf16
+    rounding apart). `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on
+    this short run with the real costs, after its probe steps when compiling is made free."""
+    from studio.core import compilation
+    from studio.core.models import open_model
+
+    losses, logs = {}, {}
+    loaded = open_model(str(model_folder), device="cuda")
+    for name, switches, model in (("plain", dict(fused_loss=False, compile_layers=False), None),
+                                  ("fast", dict(fused_loss=True, compile_layers=True), loaded),
+                                  ("auto", {}, None), ("auto, compiling free", {}, None)):
+        if name == "auto, compiling free":
+            monkeypatch.setattr(compilation, "COST_S", 0.0)
+        result, events = run(model_folder, tmp_path / name.replace(", ", "-").replace(" ", "-"),
+                             dict(max_steps=6, save_every=0, spectrum_every=0, **switches), loaded=model)
+        assert isinstance(result, ev.Finished), result
+        losses[name] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[name] = [(e.level, e.text) for e in events if isinstance(e, ev.LogMessage)]
+    for name in ("fast", "auto, compiling free"):
+        assert any("compiling 4 decoder layers" in text for _, text in logs[name]), name
+    assert not any("compiling" in text for _, text in logs["auto"])
+    assert not [text for name in losses for level, text in logs[name] if level != "info"]  # nothing turned off
+    for name in ("fast", "auto", "auto, compiling free"):
+        assert losses[name] == pytest.approx(losses["plain"], rel=1e-2), name
+    assert losses["plain"][-1] < losses["plain"][0]
+    layers = loaded.model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
