@@ -6,14 +6,16 @@ AdamW: two bytes), the activations kept for backward for one micro-batch, and th
 
 Activations per token and decoder layer are counted as 10·h + 4·I values in the compute dtype (h: hidden size,
 I: MLP width): layer inputs and norms, q/k/v and attention output, residuals, and the MLP's up/gate/activation
-tensors. LoRA dropout keeps one extra copy of each adapted layer's input. The logits cost b·s·V·(2 + 4 + 4)
-bytes (the bf16 logits, their float32 upcast and the float32 log-softmax kept for the loss's backward). With
-gradient checkpointing only each layer's
-input (h values per token) is kept, plus one layer's full activations while it is recomputed.
+tensors. LoRA dropout keeps one extra copy of each adapted layer's input. With gradient checkpointing only each
+layer's input (h values per token) is kept, plus one layer's full activations while it is recomputed.
 
-Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): the
-measured peak was 28.5 GiB; this estimate says 25.3 GiB allocated (21.3 GiB before the log-softmax term
-was counted).
+The logits depend on the loss path. The model's own loss costs b·s·V·(2 + 4 + 4) bytes (the bf16 logits, their
+float32 upcast and the float32 log-softmax kept for backward). The engine's chunked loss on a GPU (losses.py, the
+default there) holds one chunk of LOSS_CHUNK_ELEMENTS logits at a time, in bf16, float32 softmax and bf16 gradient.
+
+Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
+model's own loss the measured peak was 28.5 GiB and this estimate says 25.3 GiB allocated; with the chunked loss
+the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled) and the estimate says 16.5 GiB.
 
 It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
 allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
@@ -31,6 +33,7 @@ Verdict = Literal["fits", "tight", "will-not-fit", "unknown"]
 CUDA_CONTEXT_BYTES = 512 * 2**20
 NF4_BYTES_PER_PARAM = (4 + 0.127) / 8  # 4-bit codes plus double-quantised absmax per 64-value block
 GIB = 2**30
+LOSS_CHUNK_ELEMENTS = 2**27  # losses.CHUNK_ELEMENTS (tests/core/test_memory.py keeps the two equal)
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,10 @@ def estimate(
     quantization: str | None = None,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
+    chunked_loss: bool = True,
 ) -> MemoryEstimate:
-    """Estimate the GPU memory of a run. Cheap (a pass over the tree), safe to call on every slider move."""
+    """Estimate the GPU memory of a run. Cheap (a pass over the tree), safe to call on every slider move.
+    `chunked_loss`: the engine's GPU default; it does not apply when the output head is adapted or saved."""
     dtype_bytes = DTYPE_BYTES.get(compute_dtype, 2)
     weights = 0.0
     for info in tree.modules.values():
@@ -119,7 +124,15 @@ def estimate(
         kept = tokens * (layers * hidden + per_layer) * dtype_bytes
     else:
         kept = tokens * layers * per_layer * dtype_bytes
-    logits = tokens * vocab * (2 + 4 + 4) if tree.task == "causal-lm" else 0
+    heads = {name for name, info in tree.modules.items() if info.is_output_head}
+    changed = set(plan.targets) | set(plan.modules_to_save)  # modules_to_save may name leaves ("lm_head")
+    head_changed = any(name in changed or tree[name].leaf in changed for name in heads)
+    if tree.task != "causal-lm":
+        logits = 0
+    elif chunked_loss and not head_changed:
+        logits = min(tokens * vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
+    else:
+        logits = tokens * vocab * (2 + 4 + 4)
     return MemoryEstimate(
         weights=int(weights),
         adapter=int(adapter),
