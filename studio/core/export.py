@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import json
 import math
 import re
 import shutil
@@ -21,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+from studio.core.adapter_folder import ADAPTER_CONFIG, read_adapter_config
 from studio.core.errors import ExportError, StudioError, first_line
 from studio.core.models import LoadedModel, resolve_source
 from studio.core.plan import Variant
 
 MergeDtype = Literal["float32", "bfloat16", "float16"]
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names, preferred first
 PEFT_KEY_PREFIX = "base_model.model."  # PEFT's prefix on every tensor key of a transformers model's adapter
 PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}
@@ -154,20 +153,7 @@ def read_adapter_info(adapter_dir: str | Path) -> AdapterInfo:
 
 
 def _read_adapter(path: Path) -> tuple[AdapterInfo, dict[str, tuple[int, ...]]]:
-    if not path.exists():
-        raise ExportError(f"no such adapter folder: {path}")
-    if not path.is_dir():
-        raise ExportError(f"{path} is a file: pick the adapter's folder (the one holding {ADAPTER_CONFIG})")
-    config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise ExportError(f"{path} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
-    try:
-        data = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{config_file} is not readable JSON: {first_line(exc)}") from exc
-    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
-        kind = data.get("peft_type") if isinstance(data, dict) else None
-        raise ExportError(f"{path} holds a {kind or 'unknown'} adapter, not a LoRA adapter (all LoRA Studio loads)")
+    data = read_adapter_config(path)
     weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise ExportError(f"{path} is not a complete PEFT adapter: it has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS[0]}")
@@ -178,8 +164,8 @@ def _read_adapter(path: Path) -> tuple[AdapterInfo, dict[str, tuple[int, ...]]]:
         path=str(path),
         base_model=data.get("base_model_name_or_path"),
         targets=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
-        r=int(data.get("r", 8)),
-        alpha=float(data.get("lora_alpha", 8)),
+        r=int(data["r"]),
+        alpha=float(data["lora_alpha"]),
         variant=variant,
         task_type=data.get("task_type"),
         modules=len({m.group("module") for key in shapes if (m := _LORA_KEY.match(key))}),

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from studio.core.adapter_folder import ADAPTER_CONFIG, read_adapter_config
 from studio.core.errors import ExportError
 from studio.core.events import ModuleSpectrum
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENERGY_FRACTIONS = (0.90, 0.95)
 # Cumulative energy shares are float sums: a share that should equal the fraction may land a hair below it.
@@ -112,7 +112,7 @@ def read_adapter_spectra(folder: str | Path) -> tuple[ModuleSpectrum, ...]:
     import torch
 
     path = Path(folder).expanduser()
-    config = _read_adapter_config(path)
+    config = read_adapter_config(path)
     pairs = _read_saved_factors(path)
     factors = []
     for name in sorted(pairs, key=_natural_key):
@@ -275,31 +275,6 @@ def _energy_figures(values: Any) -> tuple[Any, Any, Any]:
     ]
     top1 = torch.where(trained, share[:, :1].sum(-1), 0.0)
     return ranks[0], ranks[1], top1
-
-
-def _read_adapter_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise ExportError(f"no adapter folder at {path}: pick the folder the adapter was saved to")
-    config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise ExportError(f"{path} has no {ADAPTER_CONFIG}: pick the folder a PEFT adapter was saved to")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{config_file} is not readable JSON ({type(exc).__name__}): re-save the adapter") from exc
-    if not isinstance(config, dict):
-        raise ExportError(f"{config_file} does not hold a JSON object: re-save the adapter")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise ExportError(f"{path} holds an adapter of type {peft_type}; spectra need a LoRA adapter")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise ExportError(f"{config_file} has no positive `{key}`: re-save the adapter")
-    for key in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(key) or {}
-        if not isinstance(patterns, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in patterns.values()):
-            raise ExportError(f"{config_file}: `{key}` must map module patterns to positive numbers")
-    return config
 
 
 def _read_saved_factors(path: Path) -> dict[str, dict[str, Any]]:

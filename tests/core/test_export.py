@@ -189,9 +189,12 @@ def test_load_adapter_explains_a_missing_folder_or_a_folder_that_is_no_adapter(d
     with pytest.raises(ExportError, match="not a PEFT adapter folder: it has no adapter_config.json"):
         load_adapter(default_model, tmp_path / "notes")
     (tmp_path / "notes" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(ExportError, match="IA3 adapter, not a LoRA adapter"):
+    with pytest.raises(ExportError, match="holds an adapter of type IA3, not LoRA"):
         read_adapter_info(tmp_path / "notes")
     (tmp_path / "notes" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ExportError, match="has no positive `r`"):
+        read_adapter_info(tmp_path / "notes")
+    (tmp_path / "notes" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
     with pytest.raises(ExportError, match="has adapter_config.json but no adapter_model.safetensors"):
         read_adapter_info(tmp_path / "notes")
     (tmp_path / "notes" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)

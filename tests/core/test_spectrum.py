@@ -275,10 +275,10 @@ def _garbage_weights(folder):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_no_folder, "no adapter folder at"),
+        (_no_folder, "no such adapter folder"),
         (_no_config, "has no adapter_config.json"),
         (_broken_config, "is not readable JSON"),
-        (_ia3_config, "holds an adapter of type IA3"),
+        (_ia3_config, "holds an adapter of type IA3, not LoRA"),
         (_zero_rank, "has no positive `r`"),
         (_other_rank, "rank 4 in adapter_model.safetensors but adapter_config.json gives r=8"),
         (_bad_pattern, "'q_proj\\(' is not a valid module pattern"),
