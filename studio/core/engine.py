@@ -1,10 +1,10 @@
 """The training loop: a LoRA run on accelerate, reading top to bottom.
 
 `train(config, on_event, control)` opens the model, wraps it with PEFT from the plan, prepares the data and
-runs AdamW with warmup and a cosine/linear schedule. It reports everything as typed events (events.py) and
-writes them to the run directory's metrics.jsonl as it goes. Between steps it honours stop and pause
-requests from `control`; both leave a checkpoint that `resume` continues exactly (adapter weights, optimizer,
-scheduler, RNG states and the data position, which is a function of the step).
+runs AdamW with warmup and a cosine/linear schedule (optimization.py). It reports everything as typed events
+(events.py) and writes them to the run directory's metrics.jsonl as it goes. Between steps it honours stop and
+pause requests from `control` (control.py); both leave a checkpoint (checkpoints.py) that `resume` continues
+exactly (adapter weights, optimizer, scheduler, RNG states and the data position, which is a function of the step).
 
 On a CUDA GPU the defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full
 logits (losses.py, `fused_loss`) and, once a run is long enough to repay compiling, torch.compile on each decoder
@@ -16,19 +16,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import math
 import random
 import shutil
-import threading
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
+from studio.core.checkpoints import (
+    RunState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint, truncate_metrics,
+)
+from studio.core.control import TrainControl
 from studio.core.errors import StudioError, TrainingError
 from studio.core.runconfig import RunConfig, dump, load, write_atomic
 
@@ -36,74 +38,10 @@ EventCallback = Callable[[ev.Event], None]
 
 
 @dataclass
-class TrainControl:
-    """Flags a caller on another thread sets; the loop reads them between steps."""
-
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _pause: threading.Event = field(default_factory=threading.Event)
-    _wake: threading.Event = field(default_factory=threading.Event)
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def request_pause(self) -> None:
-        self._pause.set()
-
-    def resume(self) -> None:
-        self._pause.clear()
-        self._wake.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def pause_requested(self) -> bool:
-        return self._pause.is_set()
-
-    def wait_while_paused(self) -> None:
-        while self._pause.is_set() and not self._stop.is_set():
-            self._wake.wait(0.1)
-            self._wake.clear()
-
-
-@dataclass
 class _StepBatches:
     micro: list[dict[str, Any]]  # on the device
     label_tokens: int  # counted tokens over all micro-batches: the loss's divisor
     tokens: int
-
-
-@dataclass
-class _RunState:
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    last_loss: float | None = None
-    last_val_loss: float | None = None
-    last_score: float | None = None
-
-
-class _Recorder:
-    """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing)."""
-
-    def __init__(self, run_dir: Path, on_event: EventCallback):
-        self.path = run_dir / "metrics.jsonl"
-        self.on_event = on_event
-        self.handle = self.path.open("a")
-
-    def __call__(self, event: ev.Event) -> None:
-        if not isinstance(event, ev.SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
-            self.handle.write(json.dumps(ev.to_record(event)) + "\n")
-            self.handle.flush()
-        else:
-            with (self.path.parent / "spectra.jsonl").open("a") as spectra:
-                spectra.write(json.dumps(ev.to_record(event)) + "\n")
-        self.on_event(event)
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -114,14 +52,6 @@ def new_run_dir(config: RunConfig) -> Path:
         suffix += 1
         run_dir = Path(config.output_dir) / f"{name}-{suffix}"
     return run_dir
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(
-        (int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()
-    ) if folder.is_dir() else []
-    return steps[-1][1] if steps else None
 
 
 def train(
@@ -160,14 +90,14 @@ def train(
         if checkpoint is None:
             write_atomic(run_dir / "run.yaml", dump(config))
         else:
-            _truncate_metrics(run_dir, _read_state(checkpoint).step)
+            truncate_metrics(run_dir, read_state(checkpoint).step)
     except (OSError, StudioError) as exc:
         failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
         emit_to_caller(failed)
         return failed
 
-    emit = _Recorder(run_dir, emit_to_caller)
-    state = _RunState()
+    emit = ev.Recorder(run_dir, emit_to_caller)
+    state = RunState()
     try:
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
             return _run(config, emit, control, run_dir, checkpoint, loaded, state, undo)
@@ -200,7 +130,7 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).resolve()))
 
 
-def _fail(emit: _Recorder, message: str, state: _RunState, run_dir: Path) -> ev.Failed:
+def _fail(emit: ev.Recorder, message: str, state: RunState, run_dir: Path) -> ev.Failed:
     last = latest_checkpoint(run_dir)
     failed = ev.Failed(message.splitlines()[0], state.step, str(last) if last else None)
     emit(failed)
@@ -215,12 +145,12 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _run(
     config: RunConfig,
-    emit: _Recorder,
+    emit: ev.Recorder,
     control: TrainControl,
     run_dir: Path,
     checkpoint: Path | None,
     loaded: Any | None,
-    state: _RunState,
+    state: RunState,
     undo: contextlib.ExitStack,
 ) -> ev.Finished | ev.Failed:
     import torch
@@ -228,8 +158,8 @@ def _run(
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from studio.core import data as datamod
-    from studio.core import compilation, inventory, losses, spectrum
-    from studio.core.plan import LoraPlan, count, to_peft_config, validate
+    from studio.core import compilation, inventory, losses, optimization, spectrum
+    from studio.core.plan import LoraPlan, count, plan_of_adapter, to_peft_config, validate
 
     t = config.training
     device = config.model.device
@@ -255,7 +185,7 @@ def _run(
         raise TrainingError(f"{loaded.display_name} was opened from a config only: training needs its weights")
     tree = inventory.build(loaded.model, config.model.task)
     if config.model.adapter:
-        plan = _plan_of_adapter(tree, config.model.adapter)
+        plan = plan_of_adapter(tree, config.model.adapter)
     else:
         plan_fields = dict(config.plan)
         plan_fields["targets"] = tuple(inventory.select(tree, plan_fields["targets"]))
@@ -288,16 +218,12 @@ def _run(
 
     # -- optimizer and schedule
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, t, device)
-    from transformers import get_scheduler
-
-    warmup = int(round(t.warmup_ratio * t.max_steps))
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    optimizer = optimization.build_optimizer(params, t, device)
+    scheduler = optimization.build_scheduler(optimizer, t)
     peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
 
     if checkpoint is not None:
-        _load_checkpoint(checkpoint, accelerator.unwrap_model(peft_model), optimizer, scheduler, state)
+        load_checkpoint(checkpoint, accelerator.unwrap_model(peft_model), optimizer, scheduler, state)
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
         counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),
@@ -352,7 +278,7 @@ def _run(
         label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in cpu) if is_lm else 0
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in cpu)  # packed batches carry position_ids instead of a mask
-        moved = [_to_device(b, accelerator.device, fused) for b in cpu]
+        moved = [losses.to_device(b, accelerator.device, fused) for b in cpu]
         return _StepBatches(moved, label_tokens, tokens)
 
     if compile_when == "now":
@@ -363,7 +289,7 @@ def _run(
         if control.stop_requested:
             return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=True)
         if control.pause_requested:
-            path = _save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
+            path = save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
             emit(ev.CheckpointSaved(state.step, str(path)))
             emit(ev.Paused(state.step, str(path)))
             control.wait_while_paused()
@@ -385,11 +311,11 @@ def _run(
             last = i == len(batches.micro) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
                 with accelerator.autocast():
-                    loss = _step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
-                                      compiled=bool(compiled))
+                    loss = losses.step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
+                                            compiled=bool(compiled))
                 accelerator.backward(loss)
             micro_losses.append(loss.detach())
-        grad_norm = _clip(accelerator, params, t.max_grad_norm)
+        grad_norm = optimization.clip_gradients(accelerator, params, t.max_grad_norm)
         if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
             prefetched = {state.step + 1: step_batches(state.step + 1)}
         # the step's one host sync; float64 sums the micro-batch losses as Python floats did
@@ -424,7 +350,7 @@ def _run(
             with compilation.eager(compiled):
                 _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-            path = _save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
+            path = save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
             emit(ev.CheckpointSaved(state.step, str(path)))
 
     if prepared.val:
@@ -435,38 +361,7 @@ def _run(
     return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=False)
 
 
-def _step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool, *,
-               compiled: bool) -> Any:
-    """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
-    from studio.core import losses
-
-    if "targets" in batch:  # the chunked loss (`_to_device` turned the labels into counted positions)
-        inputs = {k: v for k, v in batch.items() if k not in ("positions", "targets")}
-        return losses.causal_lm_loss(model, inputs, batch["positions"], batch["targets"], max(1, label_tokens),
-                                     compiled=compiled)
-    # use_cache=False: with a cache, transformers ignores packed position_ids and lets packed examples attend
-    if is_lm:
-        return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
-    return model(**batch).loss / micro
-
-
-def _to_device(batch: dict[str, Any], device: Any, fused: bool) -> dict[str, Any]:
-    """On CUDA through pinned memory, so the copy does not wait for the GPU. For the chunked loss the labels become
-    the counted positions and their tokens (found here, on the CPU), and a mask without padding is left out:
-    transformers would sum it on the GPU (a sync) only to drop it."""
-    from studio.core import losses
-
-    if fused:
-        batch = dict(batch)
-        batch["positions"], batch["targets"] = losses.select_targets(batch.pop("labels"))
-        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
-            del batch["attention_mask"]
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: _Recorder) -> bool:
+def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: ev.Recorder) -> bool:
     """auto: on a CUDA GPU, for models whose head the chunked loss reproduces (losses.blocker)."""
     from studio.core import losses
 
@@ -479,52 +374,6 @@ def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: st
     return reason is None
 
 
-def _plan_of_adapter(tree: Any, adapter_dir: str) -> Any:
-    """The plan an existing adapter embodies (its modules, ranks and alpha), for counts and the run's records."""
-    from safetensors import safe_open
-
-    from studio.core.export import read_adapter_info
-    from studio.core.plan import LoraPlan
-
-    info = read_adapter_info(adapter_dir)  # raises ExportError for a folder that is not a LoRA adapter
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    ranks: dict[str, int] = {}
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="np") as weights:
-        for key in weights.keys():
-            for marker in (".lora_A.weight", ".lora_embedding_A"):
-                if key.endswith(marker):
-                    name = key[: -len(marker)].removeprefix("base_model.model.")
-                    ranks[name] = int(weights.get_slice(key).get_shape()[0])
-    targets = tuple(name for name in tree.modules if name in ranks)
-    overrides = {name: r for name, r in ranks.items() if r != info.r and name in tree}
-    return LoraPlan(targets=targets, rank=info.r, alpha=info.alpha, rank_overrides=overrides,
-                    dropout=float(config.get("lora_dropout", 0.0)), bias=config.get("bias", "none"),
-                    variant=info.variant, modules_to_save=tuple(config.get("modules_to_save") or ()))
-
-
-def _clip(accelerator: Any, params: list[Any], max_norm: float) -> Any:
-    """The gradient norm before clipping, as a tensor on the device (read with the step's one sync)."""
-    import torch
-
-    if max_norm > 0:
-        return torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm), device=accelerator.device)
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=accelerator.device)
-
-
-def _optimizer(params: list[Any], t: Any, device: str) -> Any:
-    import torch
-
-    if t.optimizer == "adamw-8bit":
-        if not device.startswith("cuda"):
-            raise TrainingError("8-bit AdamW needs a CUDA GPU (bitsandbytes): use optimizer adamw on this machine")
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                             fused=device.startswith("cuda"))
-
-
 def _seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -534,8 +383,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate(emit: _Recorder, model: Any, tokenizer: Any, prepared: Any, t: Any, pad_id: int,
-              state: _RunState, accelerator: Any) -> None:
+def _evaluate(emit: ev.Recorder, model: Any, tokenizer: Any, prepared: Any, t: Any, pad_id: int,
+              state: RunState, accelerator: Any) -> None:
     """Validation loss (token-weighted over the whole split) and the task score on a bounded sample."""
     import torch
 
@@ -564,95 +413,12 @@ def _evaluate(emit: _Recorder, model: Any, tokenizer: Any, prepared: Any, t: Any
     model.train()
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------------
-
-
-def _save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: _RunState,
-                     keep: int, config: RunConfig) -> Path:
-    """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
-    Written into a temporary folder and renamed, so a checkpoint folder is always complete."""
-    import numpy as np
-    import torch
-
-    from studio.core.export import save_adapter
-
-    folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"step-{state.step}"
-    staging = folder / f".step-{state.step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, staging / "rng.pt")
-    (staging / "trainer_state.json").write_text(json.dumps({
-        "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
-        "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
-    }))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    if keep > 0:
-        steps = sorted((int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*"))
-        for _, old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _read_state(checkpoint: Path) -> _RunState:
-    data = json.loads((checkpoint / "trainer_state.json").read_text())
-    return _RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
-                     last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
-                     last_score=data.get("last_score"))
-
-
-def _load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: _RunState) -> None:
-    import numpy as np
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    loaded = _read_state(checkpoint)
-    for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score"):
-        setattr(state, name, getattr(loaded, name))
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint so the curves continue without duplicates."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if record.get("step", 0) <= step and record.get("event") not in ("Finished", "Failed"):
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _finish(emit: _Recorder, model: Any, tokenizer: Any, run_dir: Path, state: _RunState, config: RunConfig,
+def _finish(emit: ev.Recorder, model: Any, tokenizer: Any, run_dir: Path, state: RunState, config: RunConfig,
             optimizer: Any, scheduler: Any, *, stopped: bool) -> ev.Finished:
     from studio.core.export import save_adapter
 
     if stopped and state.step > 0:
-        path = _save_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints, config)
+        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints, config)
         emit(ev.CheckpointSaved(state.step, str(path)))
     adapter_dir = run_dir / "adapter"
     save_adapter(model, adapter_dir, base_model_spec=config.model.source)

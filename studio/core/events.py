@@ -1,10 +1,13 @@
 """Typed events the engine emits through its `on_event` callback. Plain frozen dataclasses: the GUI's worker
-re-emits each as one Qt signal argument, the CLI prints and logs them, tests assert on them."""
+re-emits each as one Qt signal argument, the CLI prints and logs them, tests assert on them. `Recorder` is the
+engine's side: it writes each event's record to the run folder before passing the event on."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -113,3 +116,24 @@ def to_record(event: Event) -> dict[str, Any]:
     record = {"event": type(event).__name__}
     record.update(asdict(event))
     return record
+
+
+class Recorder:
+    """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing)."""
+
+    def __init__(self, run_dir: Path, on_event: Callable[[Event], None]):
+        self.path = run_dir / "metrics.jsonl"
+        self.on_event = on_event
+        self.handle = self.path.open("a")
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
+            self.handle.write(json.dumps(to_record(event)) + "\n")
+            self.handle.flush()
+        else:
+            with (self.path.parent / "spectra.jsonl").open("a") as spectra:
+                spectra.write(json.dumps(to_record(event)) + "\n")
+        self.on_event(event)
+
+    def close(self) -> None:
+        self.handle.close()

@@ -10,6 +10,8 @@ softmax in fp32, the logits' gradient cast back to the autocast dtype before its
 
 The head must be a frozen plain `nn.Linear` that the model applies unchanged (no softcapping, no logit scaling, no
 auxiliary loss): `blocker()` says why a model does not qualify, and the engine keeps the model's own loss then.
+The training loop's step goes through here either way: `to_device` moves a batch (turning its labels into counted
+positions for the chunked loss) and `step_loss` takes the chunked loss or the model's own.
 Imported only where torch already is (the training loop), so torch is imported at the top.
 """
 
@@ -87,6 +89,33 @@ def matches_model(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Ten
     finally:
         model.train(was_training)
     return abs(own - ours) <= tolerance * max(1.0, abs(own))
+
+
+def step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool, *,
+              compiled: bool) -> Any:
+    """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
+    if "targets" in batch:  # the chunked loss (`to_device` turned the labels into counted positions)
+        inputs = {k: v for k, v in batch.items() if k not in ("positions", "targets")}
+        return causal_lm_loss(model, inputs, batch["positions"], batch["targets"], max(1, label_tokens),
+                              compiled=compiled)
+    # use_cache=False: with a cache, transformers ignores packed position_ids and lets packed examples attend
+    if is_lm:
+        return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+    return model(**batch).loss / micro
+
+
+def to_device(batch: dict[str, Any], device: Any, fused: bool) -> dict[str, Any]:
+    """On CUDA through pinned memory, so the copy does not wait for the GPU. For the chunked loss the labels become
+    the counted positions and their tokens (found here, on the CPU), and a mask without padding is left out:
+    transformers would sum it on the GPU (a sync) only to drop it."""
+    if fused:
+        batch = dict(batch)
+        batch["positions"], batch["targets"] = select_targets(batch.pop("labels"))
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            del batch["attention_mask"]
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor,

@@ -3,7 +3,8 @@
 `count(tree, plan)` is pure arithmetic on the module tree, cheap enough to run on every slider move. It
 reproduces what PEFT itself reports through `get_nb_trainable_parameters()` for the same config: LoRA A/B
 matrices, DoRA magnitude vectors, trainable biases and full copies of `modules_to_save` (PEFT counts both the
-original and the copy in its total). `to_peft_config(plan, tree)` is the one place that builds a LoraConfig.
+original and the copy in its total). `to_peft_config(plan, tree)` is the one place that builds a LoraConfig;
+`plan_of_adapter(tree, folder)` reads the plan back from a saved adapter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from studio.core.errors import PlanError
@@ -326,3 +328,26 @@ def compact_targets(tree: ModuleTree, targets: tuple[str, ...] | list[str]) -> l
         else:
             out.extend(picked)
     return sorted(out)
+
+
+def plan_of_adapter(tree: ModuleTree, adapter_dir: str) -> LoraPlan:
+    """The plan an existing adapter embodies (its modules, ranks and alpha), for counts and the run's records."""
+    from safetensors import safe_open
+
+    from studio.core.adapter_folder import read_adapter_config
+    from studio.core.export import read_adapter_info
+
+    info = read_adapter_info(adapter_dir)  # raises ExportError for a folder that is not a LoRA adapter
+    config = read_adapter_config(Path(adapter_dir))
+    ranks: dict[str, int] = {}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="np") as weights:
+        for key in weights.keys():
+            for marker in (".lora_A.weight", ".lora_embedding_A"):
+                if key.endswith(marker):
+                    name = key[: -len(marker)].removeprefix("base_model.model.")
+                    ranks[name] = int(weights.get_slice(key).get_shape()[0])
+    targets = tuple(name for name in tree.modules if name in ranks)
+    overrides = {name: r for name, r in ranks.items() if r != info.r and name in tree}
+    return LoraPlan(targets=targets, rank=info.r, alpha=info.alpha, rank_overrides=overrides,
+                    dropout=float(config.get("lora_dropout", 0.0)), bias=config.get("bias", "none"),
+                    variant=info.variant, modules_to_save=tuple(config.get("modules_to_save") or ()))

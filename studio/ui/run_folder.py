@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core import events as ev
-from studio.core.engine import latest_checkpoint
+from studio.core.checkpoints import latest_checkpoint
 from studio.core.runconfig import load
 
 

@@ -27,8 +27,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import events as ev
+from studio.core.checkpoints import latest_checkpoint
 from studio.core.data import DataSpec
-from studio.core.engine import latest_checkpoint
 from studio.core.errors import StudioError
 from studio.core.models import LoadedModel
 from studio.core.runconfig import ModelConfig, RunConfig, load, save

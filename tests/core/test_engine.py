@@ -13,8 +13,9 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from studio.core import events as ev
+from studio.core.checkpoints import latest_checkpoint
 from studio.core.data import demo_spec
-from studio.core.engine import TrainControl, latest_checkpoint, resume, train
+from studio.core.engine import TrainControl, resume, train
 from studio.core.export import merge_and_save
 from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig, load
 
