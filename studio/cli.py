@@ -105,11 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from peft import LoraConfig
+class _PeftHelp:
+    """The first sentence of a LoraConfig field's own help, read from PEFT only when argparse prints it: importing
+    PEFT takes seconds, which every command (the window's launch included) would otherwise pay."""
 
-    def peft_help(field: str) -> str:
-        return str(LoraConfig.__dataclass_fields__[field].metadata.get("help", "")).split(". ")[0]
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def text(self) -> str:
+        from peft import LoraConfig
+
+        return str(LoraConfig.__dataclass_fields__[self.field].metadata.get("help", "")).split(". ")[0]
+
+    def strip(self) -> str:  # argparse asks whether the help is blank
+        return self.text().strip()
+
+    def __mod__(self, params: dict[str, Any]) -> str:  # argparse expands %(default)s and the like
+        return self.text().replace("%", "%%") % params
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    def peft_help(field: str) -> Any:
+        return _PeftHelp(field)
 
     parser.add_argument(
         "--targets", required=True,

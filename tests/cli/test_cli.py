@@ -83,3 +83,16 @@ def test_help_lists_every_command():
     assert result.returncode == 0
     for command in ("inspect", "count", "gui"):
         assert command in result.stdout
+
+
+def test_building_the_parser_imports_neither_torch_nor_peft_yet_help_quotes_peft():
+    check = ("import sys, studio.cli as cli; cli.build_parser(); "
+             "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the window's launch and every command start without seconds of imports
+
+    from peft import LoraConfig
+
+    first_sentence = LoraConfig.__dataclass_fields__["r"].metadata["help"].split(". ")[0]
+    help_text = run_cli("count", "--help").stdout
+    assert first_sentence in " ".join(help_text.split())
