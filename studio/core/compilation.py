@@ -51,6 +51,13 @@ def compile_blocks(model: Any) -> list[Any]:
     return blocks
 
 
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc` comes from torch.compile's machinery (Dynamo tracing, Inductor code generation or a backend),
+    not from the model's own computation, so that the run can go on eager."""
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+               for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+
+
 def uncompile(blocks: list[Any]) -> None:
     """The caller's model runs eager again (generation would otherwise recompile for every new length)."""
     for block in blocks:

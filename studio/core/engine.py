@@ -31,7 +31,7 @@ from studio.core.checkpoints import (
     RunState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint, truncate_metrics,
 )
 from studio.core.control import TrainControl
-from studio.core.errors import StudioError, TrainingError
+from studio.core.errors import StudioError, TrainingError, first_line
 from studio.core.runconfig import RunConfig, dump, load, write_atomic
 
 EventCallback = Callable[[ev.Event], None]
@@ -281,6 +281,19 @@ def _run(
         moved = [losses.to_device(b, accelerator.device, fused) for b in cpu]
         return _StepBatches(moved, label_tokens, tokens)
 
+    def forward_backward(batches: _StepBatches) -> list[Any]:
+        """Every micro-batch's forward and backward (gradients accumulate); their losses, still on the device."""
+        micro_losses = []
+        for i, batch in enumerate(batches.micro):
+            last = i == len(batches.micro) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
+                with accelerator.autocast():
+                    loss = losses.step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
+                                            compiled=bool(compiled))
+                accelerator.backward(loss)
+            micro_losses.append(loss.detach())
+        return micro_losses
+
     if compile_when == "now":
         compile_layers()
     prefetched: dict[int, _StepBatches] = {}
@@ -306,15 +319,18 @@ def _run(
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         peft_model.train()
         batches = prefetched.pop(state.step, None) or step_batches(state.step)
-        micro_losses = []
-        for i, batch in enumerate(batches.micro):
-            last = i == len(batches.micro) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
-                with accelerator.autocast():
-                    loss = losses.step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
-                                            compiled=bool(compiled))
-                accelerator.backward(loss)
-            micro_losses.append(loss.detach())
+        try:
+            micro_losses = forward_backward(batches)
+        except Exception as exc:
+            if not compiled or not compilation.is_compile_failure(exc):
+                raise
+            # the compiler, not the run, failed (no C compiler, an unsupported op...): the step again, eager
+            compilation.uncompile(compiled)
+            compiled.clear()
+            optimizer.zero_grad(set_to_none=True)
+            emit(ev.LogMessage(f"compiling the decoder layers failed ({first_line(exc)}); training on without "
+                               "compiling (set training.compile_layers: false to skip the attempt)", "warning"))
+            micro_losses = forward_backward(batches)
         grad_norm = optimization.clip_gradients(accelerator, params, t.max_grad_norm)
         if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
             prefetched = {state.step + 1: step_batches(state.step + 1)}
