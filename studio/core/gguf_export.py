@@ -36,6 +36,7 @@ GgufType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 OPEN_SHARE = 0.2  # of export_adapter_gguf's progress, for opening the base model
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = ("default", "linear", "llama3")  # transformers' rope_type values the file can carry
 # digits, contractions, runs of spaces and newlines: where pre-tokenizers differ
 PROBE_MESSAGE = "Does the merged model answer like its adapter? It's 1234567 tokens, isn't it?\n\n  Yes: 3.14."
 
@@ -124,13 +125,13 @@ def export_gguf(
             "reopen the base without quantization (e.g. bfloat16) and export from there"
         )
     target = _target_file(out_path)
-    hparams = _hparams(hf_model.config)
+    hparams = _hparams(hf_model.config, arch)
     vocab = gguf_vocab(tokenizer, hparams["vocab"], tokenizer_pre)
 
     report(MergeProgress("merge", 0.0, "Merging the adapter into a copy of the base weights"))
     merged, merge_notes = _merged_model(hf_model, lambda p: report(MergeProgress("merge", 0.3 * p.fraction / 0.7,
                                                                                   p.message)))
-    plan = _tensor_plan(merged, arch, out_type)
+    plan = _tensor_plan(merged, arch, out_type, hparams)
     notes = [*merge_notes, *vocab.notes, *hparams["notes"]]
     staging = _staging_file(target)
     try:
@@ -197,16 +198,23 @@ def _staging_file(target: Path) -> Path:
 
 # ---- what goes in the file -----------------------------------------------------------------------------------
 
-def _hparams(config: Any) -> dict[str, Any]:
+def _hparams(config: Any, arch: Any) -> dict[str, Any]:
     """The numbers llama.cpp reads, from a transformers config (4.x and 5.x spell the rope settings differently)."""
+    import gguf
+
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear"):
-        raise ExportError(f"GGUF export does not support {rope_type!r} rope scaling yet (only none or linear)")
+    if rope_type not in ROPE_TYPES:
+        raise ExportError(f"GGUF export does not support {rope_type!r} rope scaling yet: only none, linear or "
+                          "llama3 (Llama 3.1/3.2's)")
+    if rope_type == "llama3" and arch != gguf.MODEL_ARCH.LLAMA:
+        raise ExportError(f"GGUF export writes llama3 rope scaling for the llama architecture only, not "
+                          f"{gguf.MODEL_ARCH_NAMES[arch]}")
     if getattr(config, "hidden_act", "silu") != "silu":  # llama.cpp's llama and qwen2 graphs use SiLU, always
         raise ExportError(f"GGUF export needs a SiLU feed-forward; this model uses {config.hidden_act}")
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    rope_theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     notes = [f"llama.cpp attends over the whole context; the model was trained with a {window}-token sliding window"] \
         if window and window < config.max_position_embeddings else []
@@ -220,15 +228,40 @@ def _hparams(config: Any) -> dict[str, Any]:
         "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
         "head_dim": head_dim,
         "rms_eps": float(config.rms_norm_eps),
-        "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        "rope_theta": rope_theta,
         "rope_linear_factor": float(rope["factor"]) if rope_type == "linear" else None,
+        "rope_freq_factors": _llama3_freq_factors(rope, rope_theta, head_dim, int(config.max_position_embeddings))
+        if rope_type == "llama3" else None,
         "notes": notes,
     }
 
 
-def _tensor_plan(merged: Any, arch: Any, out_type: str) -> list[tuple[str, Any, Any]]:
-    """(GGUF name, tensor, GGML type) for every weight to write, in the model's order."""
+def _llama3_freq_factors(rope: dict[str, Any], theta: float, head_dim: int, context: int) -> list[float]:
+    """Llama 3.1's rope: what each rotation frequency is divided by. Wavelengths shorter than the original context
+    over `high_freq_factor` keep their frequency, those longer than it over `low_freq_factor` are slowed by `factor`,
+    and the band between blends the two. llama.cpp reads these divisors from the `rope_freqs` tensor."""
+    import math
+
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope.get("original_max_position_embeddings") or context)
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:  # blend frequency / factor and frequency, weighted by where the wavelength falls in the band
+            blend = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - blend) / factor + blend))
+    return divisors
+
+
+def _tensor_plan(merged: Any, arch: Any, out_type: str, hparams: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(GGUF name, tensor, GGML type) for every weight to write, in the model's order, then llama3 rope's divisors."""
     import gguf
+    import torch
+    from gguf import GGMLQuantizationType as Q
 
     names = gguf.get_tensor_name_map(arch, merged.config.num_hidden_layers)
     embedding, head = merged.get_input_embeddings(), merged.get_output_embeddings()
@@ -242,6 +275,9 @@ def _tensor_plan(merged: Any, arch: Any, out_type: str) -> list[tuple[str, Any, 
         if name is None:
             raise ExportError(f"cannot place {key} in a GGUF file: llama.cpp's {arch.name.lower()} has no such tensor")
         plan.append((name, tensor, _ggml_type(out_type, tensor.shape)))
+    if hparams["rope_freq_factors"] is not None:
+        name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"
+        plan.append((name, torch.tensor(hparams["rope_freq_factors"], dtype=torch.float32), Q.F32))
     return plan
 
 

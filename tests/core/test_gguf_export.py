@@ -259,3 +259,79 @@ def test_modelfile_has_a_chatml_template_only_for_a_chatml_model(default_tokeniz
     directives = [line.split()[0] for line in text.splitlines() if line and not line.startswith("#")]
     assert directives == ["FROM", "PARAMETER"] and "add a" in text
     assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()  # the eos token still ends a reply
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _tiny_llama_with_rope(tokenizer, rope: dict, config_class: str = "LlamaConfig"):
+    """head_dim 16: 8 frequencies, with wavelengths 6 to 20,000 positions. With Llama 3.1's rope scaled to an original
+    context of 64, the first keeps its speed, the next two fall in the blended band, the rest run 8× slower, so the
+    rotations differ well within the 64-token probe. Weights drawn at 0.1 (not 0.02) so attention depends on them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1,
+        rope_parameters=rope)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpp_frequency_factors(default_tokenizer, tmp_path):
+    from studio.core.gguf_export import _probe
+
+    scaled = _tiny_llama_with_rope(default_tokenizer, LLAMA3_ROPE)
+    plain = _tiny_llama_with_rope(default_tokenizer, {"rope_type": "default", "rope_theta": 10000.0})
+    _, ids = _probe(default_tokenizer)
+    # the same weights: the scaling alone moves the logits by 3.1 and the top-1 token at 33 of 64 positions
+    scaled_logits, plain_logits = _torch_logits(scaled, ids), _torch_logits(plain, ids)
+    assert np.abs(scaled_logits - plain_logits).max() > 1.0
+    assert (scaled_logits.argmax(-1) != plain_logits.argmax(-1)).mean() > 0.25
+
+    report = export_gguf(scaled, default_tokenizer, tmp_path / "llama3.gguf", "f32")
+
+    # measured 3.2e-6 (an f32 file); a file without the factors would be off by the 3.1 above
+    assert report.verified and report.top1_all_agree and report.probe_tokens == len(ids) == 64
+    assert report.max_logit_diff < 1e-3
+    assert report.tensors == len(scaled.state_dict())  # the tied output matrix left out, rope_freqs added
+
+
+def test_llama3_frequency_factors_match_transformers_from_either_config_spelling():
+    from types import SimpleNamespace
+
+    import transformers
+
+    from studio.core.gguf_export import _hparams
+
+    rope = {**LLAMA3_ROPE, "rope_theta": 500000.0}
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "max_position_embeddings": 1024}
+    # transformers' own inverse frequencies, plain over scaled: the divisors llama.cpp applies
+    scaled, plain = (transformers.LlamaModel(transformers.LlamaConfig(**shape, rope_parameters=r)).rotary_emb.inv_freq
+                     for r in (rope, {"rope_type": "default", "rope_theta": 500000.0}))
+    expected = (plain / scaled).tolist()
+    assert expected[0] == 1.0 and expected[-1] == 8.0 and any(1.0 < e < 8.0 for e in expected)  # all three bands
+
+    v5 = transformers.LlamaConfig(**shape, rope_parameters=rope)
+    v4 = SimpleNamespace(**shape, vocab_size=128, rms_norm_eps=1e-5, rope_theta=500000.0,  # 4.x: theta outside
+                         rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
+    for config in (v5, v4):
+        hparams = _hparams(config, gguf.MODEL_ARCH.LLAMA)
+        assert hparams["rope_theta"] == 500000.0 and hparams["rope_linear_factor"] is None
+        assert np.allclose(hparams["rope_freq_factors"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config_class, rope, message", [
+    ("LlamaConfig", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+     "does not support 'yarn' rope scaling yet: only none, linear or llama3"),
+    ("LlamaConfig", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+     "does not support 'dynamic' rope scaling yet: only none, linear or llama3"),
+    ("Qwen2Config", LLAMA3_ROPE, "llama3 rope scaling for the llama architecture only, not qwen2"),
+])
+def test_unsupported_rope_scaling_is_refused_naming_it(default_tokenizer, tmp_path, config_class, rope, message):
+    model = _tiny_llama_with_rope(default_tokenizer, rope, config_class)
+    with pytest.raises(ExportError, match=message) as caught:
+        export_gguf(model, default_tokenizer, tmp_path / "x.gguf", "f32")
+    assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
