@@ -61,7 +61,8 @@ VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "fused": dict
             "compiled": dict(fused_loss=True, compile_layers=True)}
 
 
-def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int, variant: str) -> dict:
+def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int, variant: str,
+               mode: str = "lora") -> dict:
     import gc
     import time
 
@@ -72,7 +73,8 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
     from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
 
     config = RunConfig(
-        model=ModelConfig(source=str(folder), device="cuda", dtype="bfloat16"),
+        model=ModelConfig(source=str(folder), device="cuda", dtype="bfloat16",
+                          quantization="4bit" if mode == "qlora" else None),
         plan={"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
         data={"train_path": str(data), "format": "text", "max_length": seq},
         training=TrainingConfig(max_steps=steps, batch_size=batch, learning_rate=2e-4, eval_every=0,
@@ -106,7 +108,7 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
     }
 
 
-def estimate_gib(folder: Path, seq: int, batch: int) -> float:
+def estimate_gib(folder: Path, seq: int, batch: int, mode: str = "lora") -> float:
     from studio.core import inventory, memory
     from studio.core.models import open_model
     from studio.core.plan import LoraPlan
@@ -114,7 +116,8 @@ def estimate_gib(folder: Path, seq: int, batch: int) -> float:
     loaded = open_model(str(folder), plan_only=True)
     tree = inventory.build(loaded.model)
     plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32, dropout=0.0)
-    return memory.estimate(tree, plan, batch_size=batch, seq_len=seq).allocated / 2**30
+    quantization = "4bit" if mode == "qlora" else None
+    return memory.estimate(tree, plan, batch_size=batch, seq_len=seq, quantization=quantization).allocated / 2**30
 
 
 def main() -> None:
@@ -125,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default="plain,fused,compiled", help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--mode", choices=["lora", "qlora"], default="lora",
+                        help="qlora: a 4-bit NF4 base on both sides (the engine does not compile a quantized base)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     if set(variants) - set(VARIANTS):
@@ -141,7 +146,7 @@ def main() -> None:
     launcher = (
         "import runpy, sys, datasets.arrow_dataset as a, datasets.fingerprint as f\n"
         "a.generate_fingerprint = lambda dataset: f.generate_random_fingerprint()\n"
-        f"sys.argv = [{args.baseline!r}, 'lora']\n"
+        f"sys.argv = [{args.baseline!r}, {args.mode!r}]\n"
         f"runpy.run_path({args.baseline!r}, run_name='__main__')\n"
     )
     done = subprocess.run([sys.executable, "-c", launcher], env=env, capture_output=True, text=True)
@@ -149,8 +154,9 @@ def main() -> None:
     if done.returncode != 0 or not lines:
         raise SystemExit(f"baseline failed:\n{done.stderr[-3000:]}")
     baseline = json.loads(lines[-1])
-    runs = {v: run_engine(folder, data, work / "runs", args.steps, args.seq, args.batch, v) for v in variants}
-    estimate = estimate_gib(folder, args.seq, args.batch)
+    runs = {v: run_engine(folder, data, work / "runs", args.steps, args.seq, args.batch, v, args.mode)
+            for v in variants}
+    estimate = estimate_gib(folder, args.seq, args.batch, args.mode)
     print(f"HF Trainer + PEFT        : {baseline['tokens_per_s']:>9,.0f} tokens/s, peak "
           f"{baseline['peak_mem_gib']:.1f} GiB")
     for variant, ours in runs.items():
