@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QShowEvent
+from PySide6.QtGui import QResizeEvent, QShowEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -48,6 +48,8 @@ LOSS_COLOURS = ("#ffd43b", "#ffe58f")  # alternating, so neighbouring tokens sta
 CONTEXT_COLOURS = ("#e9ecef", "#f8f9fa")
 ERROR_STYLE = "color: #b3261e; font-weight: bold;"
 SPLITS = (("No validation", "none"), ("Hold out a fraction", "fraction"), ("Validation file", "file"))
+SIDE_BY_SIDE_WIDTH = 760  # below this the preview goes under the settings
+STACKED_PREVIEW_HEIGHT = 560  # the preview and histogram keep this much height once stacked (the tab scrolls)
 REFRESH_DELAY_MS = 200  # typing in a spin box re-reads the data once it settles
 
 
@@ -168,7 +170,7 @@ class DataPanel(QWidget):
         self.row_label.setWordWrap(True)  # a long file name must not widen the panel
         self.preview_view = QTextBrowser()
         self.preview_view.setPlaceholderText("The formatted example appears here")
-        preview_box = QGroupBox("Preview (highlighted tokens carry the loss)")
+        preview_box = QGroupBox("Preview (loss tokens highlighted)")
         preview_layout = QVBoxLayout(preview_box)
         row = QHBoxLayout()
         row.addWidget(self.row_spin)
@@ -177,18 +179,18 @@ class DataPanel(QWidget):
         preview_layout.addWidget(self.preview_view, 1)
 
         self.histogram = LengthHistogram()
-        right = QSplitter(Qt.Vertical)
-        right.addWidget(preview_box)
-        right.addWidget(self.histogram)
-        right.setSizes([420, 300])
-        split = QSplitter(Qt.Horizontal)
-        split.addWidget(left)
-        split.addWidget(right)
-        split.setSizes([460, 900])
+        self.preview_split = QSplitter(Qt.Vertical)
+        self.preview_split.addWidget(preview_box)
+        self.preview_split.addWidget(self.histogram)
+        self.preview_split.setSizes([420, 300])
+        self.split = QSplitter(Qt.Horizontal)
+        self.split.addWidget(left)
+        self.split.addWidget(self.preview_split)
+        self.split.setSizes([460, 900])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(file_row)
-        layout.addWidget(split, 1)
+        layout.addWidget(self.split, 1)
 
     @staticmethod
     def _row(*widgets: QWidget) -> QHBoxLayout:
@@ -249,6 +251,17 @@ class DataPanel(QWidget):
             self._show_error(str(exc))
             return
         self.jobs.analyse(spec, self.row_spin.value() - 1)
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802 - Qt's name
+        """Side by side when there is room; else the preview and histogram go below the settings, so that a narrow
+        window scrolls down instead of cutting the preview off at the right."""
+        super().resizeEvent(event)
+        orientation = Qt.Horizontal if event.size().width() >= SIDE_BY_SIDE_WIDTH else Qt.Vertical
+        if self.split.orientation() != orientation:
+            stacked = orientation == Qt.Vertical
+            self.split.setOrientation(orientation)
+            self.preview_split.setMinimumHeight(STACKED_PREVIEW_HEIGHT if stacked else 0)
+            self.split.setSizes([1, 1] if stacked else [460, 900])
 
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
         super().showEvent(event)

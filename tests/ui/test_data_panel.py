@@ -8,10 +8,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 
 from studio.core.data import DEMO_DIR, demo_spec, prepare, preview
-from studio.ui.data_panel import LOSS_COLOURS
+from studio.ui.data_panel import LOSS_COLOURS, SIDE_BY_SIDE_WIDTH, STACKED_PREVIEW_HEIGHT
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import collect_dead_windows, wait_until
 
@@ -128,3 +129,19 @@ def test_screenshot_of_a_new_window_ready_to_train_the_demo(window, tmp_path, qt
     path = target(tmp_path, f"{tab}-panel-demo.png")
     assert window.grab().save(str(path))
     assert QImage(str(path)).size().toTuple() == SIZE and distinct_colours(path) > 20
+
+
+def test_a_narrow_data_tab_stacks_the_preview_under_the_settings_instead_of_cutting_it_off(window, qtbot):
+    window.resize(*SIZE)  # both docks open: the tab area is ~520 px wide
+    panel = window.data_panel
+    window.show_panel(panel)
+    wait_until(lambda: settled(panel), 60, "the demo to be analysed")  # no analysis left running at the end
+    scroll = window.tabs.currentWidget()
+    qtbot.waitUntil(lambda: panel.split.orientation() == Qt.Vertical)
+    qtbot.waitUntil(lambda: not scroll.horizontalScrollBar().isVisible())
+    assert panel.preview_split.height() >= STACKED_PREVIEW_HEIGHT and panel.width() <= scroll.viewport().width()
+
+    window.tree_dock.hide()
+    window.adapter_dock.hide()
+    qtbot.waitUntil(lambda: panel.split.orientation() == Qt.Horizontal)
+    assert not scroll.horizontalScrollBar().isVisible() and panel.width() >= SIDE_BY_SIDE_WIDTH
