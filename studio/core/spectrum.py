@@ -14,7 +14,6 @@ the columns of the merged weight. A lora_B bias adds to the output, not to ΔW, 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass

@@ -314,7 +314,8 @@ class AdapterActions(QObject):
         notes = "".join(f"\n• {note}" for note in report.notes)
         self._tell("GGUF file written",
                    f"The GGUF file was saved to {report.path} ({report.out_type}, {size}, {report.seconds:.0f} s).\n"
-                   f"{check}\nOllama: in that folder, run `ollama create NAME -f {Path(report.modelfile).name}`.{notes}")
+                   f"{check}\nOllama: in that folder, run `ollama create NAME -f "
+                   f"{Path(report.modelfile).name}`.{notes}")
 
     @Slot(object)
     def _on_loaded(self, loaded: LoadedAdapter) -> None:

@@ -303,7 +303,7 @@ def test_llama3_frequency_factors_match_transformers_from_either_config_spelling
 
     import transformers
 
-    from studio.core.gguf_export import _hparams
+    from studio.core.gguf_layout import hparams as layout_hparams
 
     rope = {**LLAMA3_ROPE, "rope_theta": 500000.0}
     shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -318,7 +318,7 @@ def test_llama3_frequency_factors_match_transformers_from_either_config_spelling
     v4 = SimpleNamespace(**shape, vocab_size=128, rms_norm_eps=1e-5, rope_theta=500000.0,  # 4.x: theta outside
                          rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
     for config in (v5, v4):
-        hparams = _hparams(config, gguf.MODEL_ARCH.LLAMA)
+        hparams = layout_hparams(config, gguf.MODEL_ARCH.LLAMA)
         assert hparams["rope_theta"] == 500000.0 and hparams["rope_linear_factor"] is None
         assert np.allclose(hparams["rope_freq_factors"], expected, rtol=1e-5)
 
