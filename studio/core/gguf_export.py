@@ -249,7 +249,8 @@ def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, A
         writer.write_ti_data_to_file()
         for i, (gguf_name, tensor, qtype) in enumerate(plan):
             writer.write_tensor_data(gguf_layout.tensor_array(gguf_name, tensor, qtype, arch, hparams))
-            report(MergeProgress("write", 0.3 + 0.6 * (i + 1) / len(plan), f"Wrote {gguf_name} ({qtype.name})"))
+            report(MergeProgress("write", 0.3 + 0.6 * (i + 1) / len(plan),
+                                 f"Wrote tensor {i + 1} of {len(plan)}: {gguf_name} ({qtype.name})"))
     finally:
         writer.close()
 
