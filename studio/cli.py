@@ -440,9 +440,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from studio.core.export import load_adapter
-    from studio.core.models import open_model
+    from studio.core.models import open_model, require_weights
 
+    if args.max_new_tokens < 1:
+        raise StudioError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     loaded = open_model(args.model)
+    require_weights(loaded, "generate")
     model = load_adapter(loaded, _adapter_folder(args.adapter)) if args.adapter else loaded.model
     tokenizer = loaded.tokenizer
     if tokenizer.chat_template and not args.raw:
@@ -492,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(args.command or "gui")
     if args.command is None:
         args.model = "default"
+    from studio.core.logs import send_library_output_to_log
+
+    send_library_output_to_log()  # before torch & co. are imported: stderr carries the studio's own lines only
     try:
         return command(args)
     except StudioError as exc:

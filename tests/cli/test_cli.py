@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,12 +29,55 @@ def test_count_json_equals_the_core_count(default_model):
     assert record["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-def test_bad_input_exits_2_with_one_line_on_stderr():
-    result = run_cli("count", "default", "--targets", "q_proj", "--rank", "1000")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "rank 1000 is larger than model.layers.0.self_attn.q_proj" in result.stderr
-    assert "Traceback" not in result.stderr
+def _failing_invocations(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """One invocation of every command that fails on purpose, and what its one line must say."""
+    (tmp / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                 "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100}))
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "empty-data.yaml").write_text(
+        "plan: {targets: q_proj}\ndata: {train_path: empty.jsonl}\ntraining: {max_steps: 1}\n")
+    (tmp / "taken.yaml").write_text("something the person wrote\n")
+    (tmp / "not-a-run").mkdir()
+    missing = str(tmp / "missing")
+    return {
+        "inspect": (["inspect", missing], "no such file or folder"),
+        "count": (["count", "default", "--targets", "q_proj", "--rank", "1000"],
+                  "rank 1000 is larger than model.layers.0.self_attn.q_proj"),
+        "train": (["train", str(tmp / "empty-data.yaml")], "empty.jsonl holds no rows"),
+        "resume": (["resume", str(tmp / "not-a-run")], "run.yaml"),
+        "export": (["export", str(tmp / "not-a-run")], "holds no adapter yet"),
+        "merge": (["merge", missing, "--out", str(tmp / "merged")], "no such adapter folder"),
+        "export-gguf": (["export-gguf", missing, "--out", str(tmp / "x.gguf")], "no such adapter folder"),
+        "spectrum": (["spectrum", missing], "no such adapter folder"),
+        "generate (plan mode)": (["generate", str(tmp / "config.json"), "--prompt", "hi"], "plan mode (no weights)"),
+        "generate (no tokens)": (["generate", "default", "--prompt", "hi", "--max-new-tokens", "0"],
+                                 "--max-new-tokens must be at least 1"),
+        "init-run": (["init-run", str(tmp / "taken.yaml")], "exists: pass --force"),
+    }
+
+
+FAILING_CASES = ["inspect", "count", "train", "resume", "export", "merge", "export-gguf", "spectrum",
+                 "generate (plan mode)", "generate (no tokens)", "init-run"]
+
+
+def test_the_failing_invocations_cover_every_command_but_the_window(tmp_path):
+    from studio.cli import COMMANDS
+
+    cases = _failing_invocations(tmp_path)
+    assert sorted(cases) == sorted(FAILING_CASES)
+    assert {args[0] for args, _ in cases.values()} == set(COMMANDS) - {"gui"}
+
+
+@pytest.mark.parametrize("case", FAILING_CASES)
+def test_every_command_that_fails_prints_exactly_one_line_and_exits_2(case, tmp_path):
+    args, message = _failing_invocations(tmp_path)[case]
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}  # the libraries' notices go to this log
+    result = subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("lora-studio: "), result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
