@@ -36,9 +36,9 @@ def median_ms(fn, repeat: int) -> float:
 def main() -> None:
     from peft import get_peft_model
 
-    from studio.core import inventory, memory
-    from studio.core.models import open_model
-    from studio.core.plan import LoraPlan, count, to_peft_config
+    from studio.core.model import inventory, memory
+    from studio.core.model.loading import open_model
+    from studio.core.model.plan import LoraPlan, count, to_peft_config
 
     path = Path(tempfile.mkdtemp()) / "config.json"
     path.write_text(json.dumps(LLAMA_2_70B))

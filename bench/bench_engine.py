@@ -69,8 +69,8 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
     import torch
 
     from studio.core import events as ev
-    from studio.core.engine import train
     from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
+    from studio.core.train.engine import train
 
     config = RunConfig(
         model=ModelConfig(source=str(folder), device="cuda", dtype="bfloat16",
@@ -109,9 +109,9 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
 
 
 def estimate_gib(folder: Path, seq: int, batch: int, mode: str = "lora") -> float:
-    from studio.core import inventory, memory
-    from studio.core.models import open_model
-    from studio.core.plan import LoraPlan
+    from studio.core.model import inventory, memory
+    from studio.core.model.loading import open_model
+    from studio.core.model.plan import LoraPlan
 
     loaded = open_model(str(folder), plan_only=True)
     tree = inventory.build(loaded.model)

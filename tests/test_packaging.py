@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.core.data import DEMO_DIR
+from studio.core.data.dataset import DEMO_DIR
 from studio.core.resources import MARKER, candidate_roots, installed_root, resources_root
 
 ROOT = Path(__file__).resolve().parents[1]

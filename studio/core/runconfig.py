@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from studio.core.errors import RunConfigError, StudioError
+from studio.core.errors import RunConfigError
+from studio.core.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -169,22 +168,6 @@ def dump(config: RunConfig) -> str:
     import yaml
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text to `path` through a temporary file in the same folder and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StudioError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def save(config: RunConfig, path: str | Path) -> None:

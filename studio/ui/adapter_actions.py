@@ -19,9 +19,10 @@ from PySide6.QtCore import QObject, QSettings, Qt, Signal, Slot
 from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox, QProgressDialog, QWidget
 
 from studio.core import events as ev
+from studio.core.adapters.folder import AdapterInfo
+from studio.core.adapters.merging import MergeProgress, MergeReport
 from studio.core.events import ModuleSpectrum
-from studio.core.export import AdapterInfo, MergeProgress, MergeReport
-from studio.ui.run_folder import RunSummary, run_adapter
+from studio.core.train.run_folder import RunSummary, run_adapter
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model
@@ -78,8 +79,9 @@ def _base_of(adapter: CurrentAdapter) -> str:
 
 def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], MergeReport]:
     def job(report: Report) -> MergeReport:
-        from studio.core.export import load_adapter, merge_and_save
-        from studio.core.models import open_model
+        from studio.core.adapters.loading import load_adapter
+        from studio.core.adapters.merging import merge_and_save
+        from studio.core.model.loading import open_model
         from studio.ui.model_loader import import_libraries
 
         import_libraries()
@@ -97,7 +99,7 @@ def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], Merge
 
 def gguf_job(adapter: CurrentAdapter, target: Path, out_type: str) -> Callable[[Report], Any]:
     def job(report: Report) -> Any:
-        from studio.core.gguf_export import export_adapter_gguf
+        from studio.core.gguf.export import export_adapter_gguf
         from studio.ui.model_loader import import_libraries
 
         import_libraries()
@@ -109,8 +111,8 @@ def gguf_job(adapter: CurrentAdapter, target: Path, out_type: str) -> Callable[[
 
 def load_job(folder: Path) -> Callable[[Report], LoadedAdapter]:
     def job(_report: Report) -> LoadedAdapter:
-        from studio.core.export import read_adapter_info
-        from studio.core.spectrum import read_adapter_spectra
+        from studio.core.adapters.folder import read_adapter_info
+        from studio.core.adapters.spectrum import read_adapter_spectra
 
         return LoadedAdapter(read_adapter_info(folder), read_adapter_spectra(folder))
 
@@ -119,7 +121,7 @@ def load_job(folder: Path) -> Callable[[Report], LoadedAdapter]:
 
 def export_job(run_dir: Path, target: Path) -> Callable[[Report], Path]:
     def job(_report: Report) -> Path:
-        from studio.core.export import export_run_adapter
+        from studio.core.adapters.saving import export_run_adapter
 
         return export_run_adapter(run_dir, target)
 

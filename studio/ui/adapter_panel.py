@@ -27,8 +27,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import PlanError
-from studio.core.memory import Fit, MemoryEstimate, estimate, judge
-from studio.core.plan import LoraPlan, PlanCounts, count, validate
+from studio.core.model.memory import Fit, MemoryEstimate, estimate, judge
+from studio.core.model.plan import LoraPlan, PlanCounts, count, validate
 from studio.ui.memory_bar import MemoryBar
 from studio.ui.model_loader import Machine
 from studio.ui.plan_state import PlanState

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QWidget
 
-from studio.core.formats import OPTIONAL_ROLES, REQUIRED_ROLES
+from studio.core.data.formats import OPTIONAL_ROLES, REQUIRED_ROLES
 
 
 class ColumnMapping(QGroupBox):

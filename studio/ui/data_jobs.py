@@ -14,9 +14,9 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from studio.core.data import DataSpec, PreparedData, Preview, prepare, preview
+from studio.core.data.dataset import DataSpec, PreparedData, Preview, prepare, preview
+from studio.core.data.tables import Table, read_table
 from studio.core.errors import DataError
-from studio.core.tables import Table, read_table
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.data import DataSpec, Preview, demo_spec
+from studio.core.data.dataset import DataSpec, Preview, demo_spec
+from studio.core.data.formats import FORMATS
 from studio.core.errors import DataError
-from studio.core.formats import FORMATS
 from studio.ui.column_mapping import ColumnMapping
 from studio.ui.data_jobs import DataAnalysis, DataJobs
 from studio.ui.length_histogram import LengthHistogram

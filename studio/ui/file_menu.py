@@ -15,7 +15,7 @@ from PySide6.QtCore import QObject, QSettings, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu
 
-from studio.core.data import DEMO_DIR
+from studio.core.data.dataset import DEMO_DIR
 from studio.core.errors import StudioError
 from studio.ui.data_jobs import DataAnalysis
 

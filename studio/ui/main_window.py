@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.events import Failed, Finished, ModuleSpectrum
-from studio.core.models import LoadProgress
+from studio.core.model.loading import LoadProgress
 from studio.ui.adapter_actions import AdapterActions
 from studio.ui.adapter_panel import AdapterPanel
 from studio.ui.data_panel import DataPanel

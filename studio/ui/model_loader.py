@@ -8,8 +8,8 @@ import gc
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
-from studio.core import inventory
-from studio.core.models import LoadedModel, LoadProgress, open_model
+from studio.core.model import inventory
+from studio.core.model.loading import LoadedModel, LoadProgress, open_model
 
 OPEN_SHARE = 0.85  # of the progress bar, for open_model itself
 
@@ -48,7 +48,7 @@ class OpenedModel:
 def detect_machine() -> Machine:
     import torch
 
-    from studio.core.memory import gpu_memory_bytes
+    from studio.core.model.memory import gpu_memory_bytes
 
     if not torch.cuda.is_available():
         return Machine(None, None)

@@ -7,7 +7,7 @@ from collections import Counter
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFormLayout, QLabel, QVBoxLayout, QWidget
 
-from studio.core.models import ModelSource
+from studio.core.model.loading import ModelSource
 from studio.ui.model_loader import OpenedModel
 from studio.ui.units import human_count
 

@@ -23,8 +23,8 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QBrush, QColor, QFont
 
-from studio.core.inventory import ModuleTree, filter_names
-from studio.core.plan import LoraPlan
+from studio.core.model.inventory import ModuleTree, filter_names
+from studio.core.model.plan import LoraPlan
 from studio.ui.plan_state import ModulesChanged, PlanState
 from studio.ui.units import human_count
 

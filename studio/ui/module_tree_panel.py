@@ -16,8 +16,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.inventory import PRESET_DESCRIPTIONS, ModuleTree
-from studio.core.plan import LoraPlan
+from studio.core.model.inventory import PRESET_DESCRIPTIONS, ModuleTree
+from studio.core.model.plan import LoraPlan
 from studio.ui.module_tree import NAME, PARAMS, RANK, SHAPE, TYPE, ModuleFilterProxy, ModuleTreeModel
 from studio.ui.plan_state import PlanState
 

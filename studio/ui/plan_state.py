@@ -12,8 +12,8 @@ from typing import Any, Iterable
 
 from PySide6.QtCore import QObject, Signal
 
-from studio.core.inventory import ModuleTree
-from studio.core.plan import LoraPlan
+from studio.core.model.inventory import ModuleTree
+from studio.core.model.plan import LoraPlan
 
 
 @dataclass(frozen=True)

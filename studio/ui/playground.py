@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.models import LoadedModel
+from studio.core.model.loading import LoadedModel
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 DEFAULT_PROMPT = "Write this date in ISO format (YYYY-MM-DD): 7 June 1975"
@@ -45,7 +45,7 @@ class AdaptedModel:
     """A private copy of the open model carrying one adapter; lives on the playground's job thread."""
 
     def __init__(self, base: LoadedModel, adapter_dir: Path) -> None:
-        from studio.core.export import load_adapter
+        from studio.core.adapters.loading import load_adapter
 
         self.adapter_dir = adapter_dir
         self.tokenizer = base.tokenizer

@@ -3,7 +3,7 @@ run…), with what it trained and how it ended; tick runs to overlay their loss 
 validation dashed with squares, one colour per run), and act on the selected one: resume it, look at its
 adapter's spectra, export its adapter or merge it into its base.
 
-Reading a run folder (run_folder.py) is plain file work, done when the panel is shown or refreshed: a run
+Reading a run folder (core/train/run_folder.py) is plain file work, done when the panel is shown or refreshed: a run
 holds a line per step, so even long runs read in milliseconds.
 """
 
@@ -28,8 +28,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import StudioError
+from studio.core.train.run_folder import RunSummary, event_from, read_records, read_run
 from studio.ui.plots import DOTS_UP_TO, PALETTE, step_plot
-from studio.ui.run_folder import RunSummary, event_from, read_records, read_run
 
 # how a run ended comes first: the panel is often narrower than the whole row
 COLUMNS = ("Run", "Status", "Final loss", "Score", "Steps", "Model", "Targets · rank", "Data")

@@ -29,8 +29,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import events as ev
+from studio.core.adapters.spectrum import advise_ranks
 from studio.core.events import ModuleSpectrum
-from studio.core.spectrum import advise_ranks
 from studio.ui.plots import PALETTE
 
 LAYER_NUMBER = re.compile(r"\.(\d+)(?:\.|$)")

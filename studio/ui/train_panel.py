@@ -27,15 +27,15 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import events as ev
-from studio.core.checkpoints import latest_checkpoint
-from studio.core.data import DataSpec
+from studio.core.data.dataset import DataSpec
 from studio.core.errors import StudioError
-from studio.core.models import LoadedModel
+from studio.core.model.loading import LoadedModel
 from studio.core.runconfig import ModelConfig, RunConfig, load, save
+from studio.core.train.checkpoints import latest_checkpoint
+from studio.core.train.run_folder import event_from, read_records
 from studio.ui.model_loader import OpenedModel
 from studio.ui.plan_state import PlanState
 from studio.ui.plots import TrainingPlots
-from studio.ui.run_folder import event_from, read_records
 from studio.ui.training_form import TrainingForm
 from studio.ui.training_session import SessionState, TrainingSession
 

@@ -27,10 +27,10 @@ from typing import Callable
 from PySide6.QtCore import QObject, Signal, Slot
 
 from studio.core import events as ev
-from studio.core.engine import TrainControl
 from studio.core.errors import StudioError
-from studio.core.models import LoadedModel
+from studio.core.model.loading import LoadedModel
 from studio.core.runconfig import RunConfig
+from studio.core.train.engine import TrainControl
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 EngineCall = Callable[[TrainControl, Report], "ev.Finished | ev.Failed"]
@@ -91,14 +91,14 @@ class TrainingSession(QObject):
 
         `base`: the model the window has open, when it is what the engine would open for `config`; the run
         trains a private copy of it instead of reading the weights again (see `_copy_of`)."""
-        from studio.core import engine
+        from studio.core.train import engine
 
         return self._launch(lambda control, report: engine.train(config, report, control, loaded=_copy_of(base)))
 
     def resume_run(self, run_dir: str | Path, max_steps: int | None = None, base: LoadedModel | None = None) -> bool:
         """Continue `run_dir` from its latest checkpoint (optionally to a new step budget); `base` as in start."""
-        from studio.core import engine
         from studio.core.runconfig import load
+        from studio.core.train import engine
 
         self.run_dir = Path(run_dir)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from studio.cli import main
-from studio.core import inventory
-from studio.core.plan import LoraPlan, count
+from studio.core.model import inventory
+from studio.core.model.plan import LoraPlan, count
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from llama_cpp import Llama
 from peft import LoraConfig, get_peft_model
 
 from studio.cli import main
-from studio.core.export import save_adapter
+from studio.core.adapters.saving import save_adapter
 
 
 @pytest.fixture()

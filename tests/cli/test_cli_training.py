@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from studio.cli import main
-from studio.core.data import demo_spec
+from studio.core.data.dataset import demo_spec
 
 
 def test_init_train_export_spectrum_generate_merge(tmp_path, capsys, default_model, monkeypatch):

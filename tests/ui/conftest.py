@@ -26,7 +26,7 @@ def settings(tmp_path):
 @pytest.fixture(scope="session")
 def opened_default(default_model):
     """The session's default model, described exactly as the loader job describes it."""
-    from studio.core import inventory
+    from studio.core.model import inventory
     from studio.ui.model_loader import OpenedModel, detect_machine
 
     tree = inventory.build(default_model.model, default_model.task)

@@ -7,8 +7,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
 
 from studio.core.errors import PlanError
-from studio.core.memory import estimate
-from studio.core.plan import count, to_peft_config, validate
+from studio.core.model.memory import estimate
+from studio.core.model.plan import count, to_peft_config, validate
 
 Q0 = "model.layers.0.self_attn.q_proj"
 

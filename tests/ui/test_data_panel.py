@@ -11,7 +11,7 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 
-from studio.core.data import DEMO_DIR, demo_spec, prepare, preview
+from studio.core.data.dataset import DEMO_DIR, demo_spec, prepare, preview
 from studio.ui.data_panel import LOSS_COLOURS, SIDE_BY_SIDE_WIDTH, STACKED_PREVIEW_HEIGHT
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import collect_dead_windows, wait_until

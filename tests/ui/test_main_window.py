@@ -8,8 +8,8 @@ import time
 import pytest
 from PySide6.QtCore import QTimer
 
-from studio.core.models import LoadProgress
-from studio.core.plan import count
+from studio.core.model.loading import LoadProgress
+from studio.core.model.plan import count
 from studio.ui.main_window import MainWindow
 
 HEARTBEAT_MS = 10

@@ -26,7 +26,6 @@ from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import configure_tiny_run, wait_until, write_demo_rows
 
 
-
 @dataclass
 class TwoRuns:
     window: MainWindow

@@ -6,8 +6,8 @@ import pytest
 from PySide6.QtCore import QModelIndex, Qt
 from PySide6.QtWidgets import QLineEdit
 
-from studio.core.inventory import filter_names
-from studio.core.plan import count
+from studio.core.model.inventory import filter_names
+from studio.core.model.plan import count
 from studio.ui.module_tree import NAME, RANK
 
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -12,7 +12,7 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
 from studio.core import events as ev
-from studio.core.checkpoints import latest_checkpoint
+from studio.core.train.checkpoints import latest_checkpoint
 from studio.ui.main_window import MainWindow
 from studio.ui.training_session import SessionState
 from tests.ui.test_screenshots import SIZE, distinct_colours, target

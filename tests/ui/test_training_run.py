@@ -18,8 +18,8 @@ from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QFileDialog
 
 from studio.core import events as ev
+from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
 from studio.core.runconfig import load
-from studio.core.spectrum import advise_ranks, read_adapter_spectra
 from studio.ui.main_window import MainWindow
 from studio.ui.playground import DEFAULT_PROMPT, prompt_ids
 from tests.ui.test_screenshots import SIZE, distinct_colours, target

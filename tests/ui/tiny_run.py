@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
 
-from studio.core.data import DEMO_DIR
+from studio.core.data.dataset import DEMO_DIR
 
 MAX_LENGTH = 72
 

@@ -1,0 +1,175 @@
+"""An estimate of the GPU memory a LoRA run needs, broken into the parts a person can act on.
+
+Parts: frozen weights at their precision (4-bit NF4 with double quantisation, 8-bit or 16/32-bit), the adapter
+(float32), its gradients, the optimizer states (AdamW: two float32 moments per trainable parameter, 8-bit
+AdamW: two bytes), the activations kept for backward for one micro-batch, and the CUDA context.
+
+Activations per token and decoder layer are counted as 10·h + 4·I values in the compute dtype (h: hidden size,
+I: MLP width): layer inputs and norms, q/k/v and attention output, residuals, and the MLP's up/gate/activation
+tensors. LoRA dropout keeps one extra copy of each adapted layer's input. With gradient checkpointing only each
+layer's input (h values per token) is kept, plus one layer's full activations while it is recomputed.
+
+The logits depend on the loss path. The model's own loss costs b·s·V·(2 + 4 + 4) bytes (the bf16 logits, their
+float32 upcast and the float32 log-softmax kept for backward). The engine's chunked loss on a GPU (losses.py, the
+default there) holds one chunk of LOSS_CHUNK_ELEMENTS logits at a time, in bf16, float32 softmax and bf16 gradient.
+
+Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
+model's own loss the measured peak was 28.5 GiB and this estimate says 25.3 GiB allocated; with the chunked loss
+the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled) and the estimate says 16.5 GiB.
+
+It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
+allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from studio.core.model.inventory import DTYPE_BYTES, ModuleTree
+from studio.core.model.plan import LoraPlan, count
+
+Verdict = Literal["fits", "tight", "will-not-fit", "unknown"]
+CUDA_CONTEXT_BYTES = 512 * 2**20
+NF4_BYTES_PER_PARAM = (4 + 0.127) / 8  # 4-bit codes plus double-quantised absmax per 64-value block
+GIB = 2**30
+LOSS_CHUNK_ELEMENTS = 2**27  # losses.CHUNK_ELEMENTS (tests/core/model/test_memory.py keeps the two equal)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    cuda_context: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.cuda_context
+
+    @property
+    def allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated() should show: the total without the CUDA context."""
+        return self.total - self.cuda_context
+
+    def parts(self) -> list[tuple[str, int]]:
+        """(label, bytes) for a stacked bar: weights / adapter + optimizer / activations / context."""
+        return [
+            ("weights", self.weights),
+            ("adapter + gradients + optimizer", self.adapter + self.gradients + self.optimizer),
+            ("activations", self.activations),
+            ("CUDA context", self.cuda_context),
+        ]
+
+
+@dataclass(frozen=True)
+class Fit:
+    verdict: Verdict
+    advice: str  # one line: what to change when it does not fit, empty when it fits comfortably
+
+
+def _shape(tree: ModuleTree) -> tuple[int, int, int, int]:
+    """(layers, hidden, mlp width, vocab) read from the module tree, not from a table per architecture."""
+    blocks = {info.block_index for info in tree.modules.values() if info.block_index is not None}
+    embeddings = [i for i in tree.modules.values() if i.kind == "embedding"]
+    vocab_embedding = max(embeddings, key=lambda i: i.in_features or 0, default=None)
+    hidden = int(vocab_embedding.out_features or 0) if vocab_embedding else 0
+    vocab = int(vocab_embedding.in_features or 0) if vocab_embedding else 0
+    widths = [
+        int(i.out_features or 0)
+        for i in tree.modules.values()
+        if i.kind in ("linear", "conv1d") and i.block_index is not None and not i.in_attention
+    ]
+    return len(blocks), hidden, max(widths, default=4 * hidden), vocab
+
+
+def estimate(
+    tree: ModuleTree,
+    plan: LoraPlan,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    compute_dtype: str = "bfloat16",
+    quantization: str | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    chunked_loss: bool = True,
+) -> MemoryEstimate:
+    """Estimate the GPU memory of a run. Cheap (a pass over the tree), safe to call on every slider move.
+    `chunked_loss`: the engine's GPU default; it does not apply when the output head is adapted or saved."""
+    dtype_bytes = DTYPE_BYTES.get(compute_dtype, 2)
+    weights = 0.0
+    for info in tree.modules.values():
+        own = info.own_params
+        quantizable = info.kind in ("linear", "conv1d") and not info.is_output_head and not info.is_classifier_head
+        if quantization == "4bit" and quantizable:
+            weights += own * NF4_BYTES_PER_PARAM
+        elif quantization == "8bit" and quantizable:
+            weights += own * 1.0
+        else:
+            weights += own * dtype_bytes
+    counts = count(tree, plan)
+    trainable = counts.trainable
+    adapter = trainable * 4
+    gradients = trainable * 4
+    optimizer_bytes = trainable * (2 if optimizer == "adamw-8bit" else 8)
+
+    layers, hidden, width, vocab = _shape(tree)
+    tokens = batch_size * seq_len
+    dropout_copies = sum(int(tree[n].in_features or 0) for n in plan.targets) if plan.dropout > 0 else 0
+    per_layer = 10 * hidden + 4 * width + dropout_copies / max(layers, 1)
+    if gradient_checkpointing:
+        kept = tokens * (layers * hidden + per_layer) * dtype_bytes
+    else:
+        kept = tokens * layers * per_layer * dtype_bytes
+    heads = {name for name, info in tree.modules.items() if info.is_output_head}
+    changed = set(plan.targets) | set(plan.modules_to_save)  # modules_to_save may name leaves ("lm_head")
+    head_changed = any(name in changed or tree[name].leaf in changed for name in heads)
+    if tree.task != "causal-lm":
+        logits = 0
+    elif chunked_loss and not head_changed:
+        logits = min(tokens * vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
+    else:
+        logits = tokens * vocab * (2 + 4 + 4)
+    return MemoryEstimate(
+        weights=int(weights),
+        adapter=int(adapter),
+        gradients=int(gradients),
+        optimizer=int(optimizer_bytes),
+        activations=int(kept + logits),
+        cuda_context=CUDA_CONTEXT_BYTES,
+    )
+
+
+def judge(estimate_: MemoryEstimate, available_bytes: int | None, *, gradient_checkpointing: bool = False,
+          quantization: str | None = None, batch_size: int = 1) -> Fit:
+    """A plain verdict against the GPU's memory, and what to change when it does not fit."""
+    if not available_bytes:
+        return Fit("unknown", "no GPU found: the estimate is for a CUDA run")
+    ratio = estimate_.total / available_bytes
+    if ratio <= 0.85:
+        return Fit("fits", "")
+    suggestions = []
+    if estimate_.activations > estimate_.weights / 2:
+        if batch_size > 1:
+            suggestions.append("lower the batch size (use gradient accumulation)")
+        if not gradient_checkpointing:
+            suggestions.append("turn on gradient checkpointing")
+        suggestions.append("shorten the maximum sequence length")
+    if quantization is None:
+        suggestions.append("load the base in 4-bit (QLoRA)")
+    suggestions.append("lower the rank or target fewer layers")
+    verdict: Verdict = "tight" if ratio <= 1.0 else "will-not-fit"
+    need = f"needs ~{estimate_.total / GIB:.1f} GiB of {available_bytes / GIB:.1f} GiB"
+    return Fit(verdict, f"{need}: " + ", or ".join(suggestions[:3]))
+
+
+def gpu_memory_bytes(device: int = 0) -> int | None:
+    """Total memory of the CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)

@@ -1,0 +1,120 @@
+"""A run's checkpoints: what the training loop saves so that `resume` continues exactly, and reads back.
+
+`checkpoints/step-N/` holds the adapter (PEFT format), the optimizer and scheduler states, the RNG states (Python,
+NumPy, torch and, where there is one, CUDA) and trainer_state.json (the step, tokens seen, time spent and the last
+losses: a `RunState`). The data position needs no record: the batches are a function of the seed and the step.
+On resume, metrics.jsonl is cut back to the checkpoint's step so the curves continue without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.core.files import write_atomic
+from studio.core.runconfig import RunConfig
+
+
+@dataclass
+class RunState:
+    """Where a run stands; the training loop updates it every step and a checkpoint records it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    last_score: float | None = None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's newest complete checkpoint folder (one with its trainer_state.json), or None."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()
+    ) if folder.is_dir() else []
+    return steps[-1][1] if steps else None
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState,
+                    keep: int, config: RunConfig) -> Path:
+    """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
+    Written into a temporary folder and renamed, so a checkpoint folder is always complete."""
+    import numpy as np
+    import torch
+
+    from studio.core.adapters.saving import save_adapter
+
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step-{state.step}"
+    staging = folder / f".step-{state.step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, staging / "rng.pt")
+    (staging / "trainer_state.json").write_text(json.dumps({
+        "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
+        "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
+    }))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    if keep > 0:
+        steps = sorted((int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*"))
+        for _, old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_state(checkpoint: Path) -> RunState:
+    data = json.loads((checkpoint / "trainer_state.json").read_text())
+    return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
+                    last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
+                    last_score=data.get("last_score"))
+
+
+def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState) -> None:
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    loaded = read_state(checkpoint)
+    for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score"):
+        setattr(state, name, getattr(loaded, name))
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the curves continue without duplicates."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= step and record.get("event") not in ("Finished", "Failed"):
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))

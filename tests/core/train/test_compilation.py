@@ -1,0 +1,71 @@
+"""torch.compile for training: when the compiler itself fails, the run goes on eager and loses nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.core import events as ev
+from studio.core.data.dataset import demo_spec
+from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
+from studio.core.train import compilation
+from studio.core.train.engine import train
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("no C compiler on this machine")
+
+
+def test_is_compile_failure_tells_the_compiler_from_the_model():
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=failing_backend)
+    with pytest.raises(Exception) as caught:
+        compiled(torch.ones(3))
+    assert compilation.is_compile_failure(caught.value)
+    assert not compilation.is_compile_failure(RuntimeError("shape mismatch in the model"))
+    assert not compilation.is_compile_failure(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+def test_a_compiler_failure_mid_run_falls_back_to_eager_with_the_eager_losses(fresh_default_model, tmp_path,
+                                                                             monkeypatch):
+    demo = demo_spec()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(Path(demo.train_path).read_text().splitlines()[:8]) + "\n")
+
+    def run(name: str) -> list:
+        config = RunConfig(
+            model=ModelConfig(source="default", device="cpu"),
+            plan={"targets": "q_proj,v_proj", "rank": 4, "alpha": 8, "dropout": 0.0},
+            data={"train_path": str(data), "format": "instruction", "max_length": 64},
+            training=TrainingConfig(max_steps=2, batch_size=2, learning_rate=3e-3, warmup_ratio=0.0, eval_every=0,
+                                    eval_examples=0, save_every=0, spectrum_every=0),
+            output_dir=str(tmp_path / name),
+        )
+        loaded = copy.copy(fresh_default_model)
+        loaded.model = copy.deepcopy(fresh_default_model.model)
+        events: list = []
+        assert isinstance(train(config, events.append, loaded=loaded), ev.Finished), events[-1]
+        return events
+
+    eager = run("eager")
+    original = compilation.compile_blocks
+
+    def compile_with_a_failing_backend(model):
+        blocks = original(model)
+        for block in blocks:
+            block.compile(backend=failing_backend)
+        return blocks
+
+    monkeypatch.setattr(compilation, "when", lambda *args, **kwargs: ("now", ""))  # as on a GPU
+    monkeypatch.setattr(compilation, "compile_blocks", compile_with_a_failing_backend)
+    fallen_back = run("fallback")
+
+    warnings = [e.text for e in fallen_back if isinstance(e, ev.LogMessage) and e.level == "warning"]
+    assert any(w.startswith("compiling the decoder layers failed (") and "without compiling" in w for w in warnings)
+    losses = [e.loss for e in fallen_back if isinstance(e, ev.StepMetrics)]
+    assert len(losses) == 2
+    for ours, theirs in zip(losses, (e.loss for e in eager if isinstance(e, ev.StepMetrics))):
+        assert math.isclose(ours, theirs, rel_tol=1e-6)

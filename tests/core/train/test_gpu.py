@@ -1,0 +1,118 @@
+"""The same runs on a CUDA GPU: bf16 mixed precision, and a 4-bit base (QLoRA). Run on the GPU machine with
+`pytest -m gpu tests/core/train/test_gpu.py`. The tokenizer comes from the built-in model, or from the folder named by
+LORA_STUDIO_TEST_TOKENIZER where that package is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.core import events as ev
+from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
+from studio.core.train.engine import train
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A random 4-layer Llama (hidden 256) saved with a real tokenizer, in bf16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer_dir = os.environ.get("LORA_STUDIO_TEST_TOKENIZER")
+    if not tokenizer_dir:
+        from studio.core.model.loading import open_model
+
+        tokenizer_dir = open_model("default").folder  # the built-in model's converted folder
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    for item in Path(tokenizer_dir).iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(item, folder / item.name)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 6}) + "\n"
+                            for _ in range(64)))
+    return folder
+
+
+def run(model_folder, tmp_path, training=None, loaded=None, **model):
+    settings = dict(max_steps=8, batch_size=8, learning_rate=5e-3, eval_every=0, save_every=4, spectrum_every=4,
+                    warmup_ratio=0.0)
+    settings.update(training or {})
+    config = RunConfig(
+        model=ModelConfig(source=str(model_folder), device="cuda", **model),
+        plan={"targets": "all-linear", "rank": 8, "alpha": 16, "dropout": 0.0},
+        data={"train_path": str(model_folder / "train.jsonl"), "format": "text", "max_length": 64},
+        training=TrainingConfig(**settings),
+        output_dir=str(tmp_path),
+    )
+    events: list = []
+    result = train(config, events.append, loaded=loaded)
+    return result, events
+
+
+def test_bf16_run_on_cuda_reports_gpu_memory_and_learns(model_folder, tmp_path):
+    result, events = run(model_folder, tmp_path)
+    assert isinstance(result, ev.Finished), result
+    started = next(e for e in events if isinstance(e, ev.RunStarted))
+    assert started.device.startswith("cuda")
+    steps = [e for e in events if isinstance(e, ev.StepMetrics)]
+    assert len(steps) == 8 and all(s.gpu_mem_bytes and s.gpu_mem_bytes > 0 for s in steps)
+    assert steps[-1].loss < steps[0].loss * 0.9
+    assert Path(result.adapter_dir, "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
+    from studio.core.model.loading import open_model
+
+    loaded = open_model(str(model_folder), device="cuda", quantization="4bit")
+    assert type(loaded.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    result, events = run(model_folder, tmp_path, quantization="4bit")
+    assert isinstance(result, ev.Finished), result
+    steps = [e for e in events if isinstance(e, ev.StepMetrics)]
+    assert steps[-1].loss < steps[0].loss
+    spectra = [e for e in events if isinstance(e, ev.SpectrumSnapshot)]
+    assert spectra[-1].modules and spectra[-1].modules[0].values[0] > 0
+
+
+def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folder, tmp_path, monkeypatch):
+    """Chunked loss and compiled decoder layers against the model's own loss and eager layers, step by step (bf16
+    rounding apart). `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on
+    this short run with the real costs, after its probe steps when compiling is made free."""
+    from studio.core.model.loading import open_model
+    from studio.core.train import compilation
+
+    losses, logs = {}, {}
+    loaded = open_model(str(model_folder), device="cuda")
+    for name, switches, model in (("plain", dict(fused_loss=False, compile_layers=False), None),
+                                  ("fast", dict(fused_loss=True, compile_layers=True), loaded),
+                                  ("auto", {}, None), ("auto, compiling free", {}, None)):
+        if name == "auto, compiling free":
+            monkeypatch.setattr(compilation, "COST_S", 0.0)
+        result, events = run(model_folder, tmp_path / name.replace(", ", "-").replace(" ", "-"),
+                             dict(max_steps=6, save_every=0, spectrum_every=0, **switches), loaded=model)
+        assert isinstance(result, ev.Finished), result
+        losses[name] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[name] = [(e.level, e.text) for e in events if isinstance(e, ev.LogMessage)]
+    for name in ("fast", "auto, compiling free"):
+        assert any("compiling 4 decoder layers" in text for _, text in logs[name]), name
+    assert not any("compiling" in text for _, text in logs["auto"])
+    assert not [text for name in losses for level, text in logs[name] if level != "info"]  # nothing turned off
+    for name in ("fast", "auto", "auto, compiling free"):
+        assert losses[name] == pytest.approx(losses["plain"], rel=1e-2), name
+    assert losses["plain"][-1] < losses["plain"][0]
+    layers = loaded.model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
