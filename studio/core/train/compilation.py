@@ -10,7 +10,9 @@ eager: `auto` times a few eager steps first and compiles only when the rest of t
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
+
+from studio.core.errors import first_line
 
 # On an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16) compiling took
 # 20 s and cut the step from 215 to 121 ms (44%): it paid after 215 steps. `auto` assumes less (GAIN) and more
@@ -70,3 +72,53 @@ def eager(blocks: list[Any]) -> Any:
     import torch
 
     return torch.compiler.set_stance("force_eager") if blocks else contextlib.nullcontext()
+
+
+class CompilePolicy:
+    """One run's compiling: decided by `when` from the setting, then (for `auto`) by `pays` after timing the first
+    eager steps; it keeps the compiled blocks, undoes them when the run ends (`undo`), and falls back to eager when
+    the compiler, not the run, fails. `log(text, level)` tells the run's listeners."""
+
+    def __init__(self, setting: bool | str, model: Any, *, is_cuda: bool, quantized: bool, checkpointing: bool,
+                 undo: contextlib.ExitStack, log: Callable[[str, str], None]) -> None:
+        self.model, self.undo, self.log = model, undo, log
+        self.blocks: list[Any] = []
+        self.pending, why_not = when(setting, is_cuda=is_cuda, quantized=quantized, checkpointing=checkpointing)
+        self.step_times: list[float] = []  # `auto`'s probe: eager step times
+        if why_not and setting is True:
+            log(f"compile_layers is off for this run: {why_not}", "warning")
+        if self.pending == "now":
+            self._compile()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocks)
+
+    def before_step(self, remaining_steps: int) -> None:
+        if self.pending == "probe" and len(self.step_times) == PROBE_STEPS + 1:
+            self.pending = None
+            if pays(sorted(self.step_times[1:])[PROBE_STEPS // 2], remaining_steps):
+                self._compile()
+
+    def after_step(self, seconds: float) -> None:
+        if self.pending == "probe":
+            self.step_times.append(seconds)
+
+    def eager(self) -> Any:
+        return eager(self.blocks)
+
+    def fall_back(self, exc: BaseException) -> bool:
+        """After a failed forward or backward: True when the compiler failed (the layers run eager from now on),
+        False when the run itself did."""
+        if not self.blocks or not is_compile_failure(exc):
+            return False
+        uncompile(self.blocks)
+        self.blocks.clear()
+        self.log(f"compiling the decoder layers failed ({first_line(exc)}); training on without compiling (set "
+                 "training.compile_layers: false to skip the attempt)", "warning")
+        return True
+
+    def _compile(self) -> None:
+        self.blocks.extend(compile_blocks(self.model))
+        self.undo.callback(uncompile, self.blocks)
+        self.log(f"compiling {len(self.blocks)} decoder layers: the next step takes longer, the rest less", "info")

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
-from studio.core.errors import StudioError, TrainingError, first_line
+from studio.core.errors import StudioError, TrainingError
 from studio.core.files import write_atomic
 from studio.core.runconfig import RunConfig, dump, load
+from studio.core.train.batching import Batches, StepBatch
 from studio.core.train.checkpoints import (
     RunState,
     latest_checkpoint,
@@ -41,13 +42,6 @@ from studio.core.train.checkpoints import (
 from studio.core.train.control import TrainControl
 
 EventCallback = Callable[[ev.Event], None]
-
-
-@dataclass
-class _StepBatches:
-    micro: list[dict[str, Any]]  # on the device
-    label_tokens: int  # counted tokens over all micro-batches: the loss's divisor
-    tokens: int
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -106,7 +100,7 @@ def train(
     state = RunState()
     try:
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
-            return _run(config, emit, control, run_dir, checkpoint, loaded, state, undo)
+            return _loop(_setup(config, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
     except TrainingError as exc:
         return _fail(emit, str(exc), state, run_dir)
     except StudioError as exc:
@@ -149,24 +143,43 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _run(
-    config: RunConfig,
-    emit: ev.Recorder,
-    control: TrainControl,
-    run_dir: Path,
-    checkpoint: Path | None,
-    loaded: Any | None,
-    state: RunState,
-    undo: contextlib.ExitStack,
-) -> ev.Finished | ev.Failed:
+@dataclass
+class _Run:
+    """What the loop works with, set up once by `_setup`."""
+
+    config: RunConfig
+    run_dir: Path
+    state: RunState
+    accelerator: Any
+    model: Any  # as accelerate wrapped it (DDP under several processes): forward and backward go through it
+    trainable: Any  # the PeftModel itself: saved, evaluated, measured
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    prepared: Any  # data.dataset.PreparedData
+    batches: Batches
+    fused: bool  # the chunked loss (losses.py) instead of the model's own
+    compile: Any  # compilation.CompilePolicy
+    pad_id: int
+    is_lm: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+
+def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path | None, loaded: Any | None,
+           state: RunState, undo: contextlib.ExitStack) -> _Run:
+    """Open the model, wrap it with PEFT, prepare the data, the optimizer and the fast path; load the checkpoint."""
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from studio.core.adapters import spectrum
     from studio.core.adapters.folder import plan_of_adapter
     from studio.core.data import dataset as datamod
     from studio.core.model import inventory
+    from studio.core.model.loading import open_model, require_weights
     from studio.core.model.plan import LoraPlan, count, to_peft_config, validate
     from studio.core.train import compilation, losses, optimization
 
@@ -181,8 +194,6 @@ def _run(
     _seed_everything(t.seed)
 
     # -- model and plan
-    from studio.core.model.loading import open_model, require_weights
-
     if loaded is None:
         emit(ev.LogMessage(f"Opening {config.model.source}"))
         loaded = open_model(
@@ -216,22 +227,21 @@ def _run(
 
     # -- data
     tokenizer = loaded.tokenizer
-    spec = datamod.DataSpec.from_dict(config.data)
-    prepared = datamod.prepare(spec, tokenizer)
+    prepared = datamod.prepare(datamod.DataSpec.from_dict(config.data), tokenizer)
     for bad in prepared.bad_rows[:20]:
         emit(ev.LogMessage(f"skipped {bad.file} row {bad.row}: {bad.reason}", "warning"))
     if not prepared.train:
         raise TrainingError("the training set is empty after formatting: check the file and the column mapping")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    is_lm = prepared.format != "classification"
 
     # -- optimizer and schedule
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = optimization.build_optimizer(params, t, device)
     scheduler = optimization.build_scheduler(optimizer, t)
-    peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
-
+    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
     if checkpoint is not None:
-        load_checkpoint(checkpoint, accelerator.unwrap_model(peft_model), optimizer, scheduler, state)
+        load_checkpoint(checkpoint, peft_model, optimizer, scheduler, state)
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
         counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),
@@ -239,109 +249,66 @@ def _run(
     ))
     if checkpoint is not None:
         emit(ev.Resumed(state.step))
-
-    micro_per_step = t.gradient_accumulation
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batches_per_epoch = max(1, len(prepared.train) // (t.batch_size * world))
-    trainable = accelerator.unwrap_model(peft_model)
-    is_cuda = accelerator.device.type == "cuda"
-    is_lm = prepared.format != "classification"
-
-    def micro_batches(step: int) -> list[dict[str, Any]]:
-        """The micro-batches of optimizer step `step`: a pure function of (seed, step), so resume is exact."""
-        out = []
-        for micro in range(micro_per_step):
-            index = step * micro_per_step + micro
-            epoch, position = divmod(index, batches_per_epoch)
-            order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(t.seed + epoch))
-            start = (position * world + rank) * t.batch_size
-            picked = [prepared.train[int(i)] for i in order[start:start + t.batch_size]]
-            out.append(datamod.collate(picked, pad_id))
-        return out
+    batches = Batches(prepared.train, lambda examples: datamod.collate(examples, pad_id), batch_size=t.batch_size,
+                      accumulation=t.gradient_accumulation, world=accelerator.num_processes,
+                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm)
 
     # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
-    fused = is_lm and world == 1 and _fused_loss_on(t.fused_loss, trainable, is_cuda, precision, emit)
+    is_cuda = accelerator.device.type == "cuda"
+    fused = is_lm and accelerator.num_processes == 1 and _fused_loss_on(t.fused_loss, peft_model, is_cuda, precision,
+                                                                        emit)
     if fused:  # one row, checked against the model's own loss before the first step
-        row = {k: v[:1].to(accelerator.device) for k, v in micro_batches(state.step)[0].items()}
+        row = {k: v[:1].to(accelerator.device) for k, v in batches.for_step(state.step).micro[0].items()}
         labels = row.pop("labels")
-        if not losses.matches_model(trainable, row, labels, accelerator.autocast):
+        if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
             emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
             fused = False
-    compile_when, why_not = compilation.when(t.compile_layers, is_cuda=is_cuda, quantized=bool(loaded.quantization),
-                                             checkpointing=t.gradient_checkpointing)
-    if why_not and t.compile_layers is True:
-        emit(ev.LogMessage(f"compile_layers is off for this run: {why_not}", "warning"))
-    compiled: list[Any] = []
-    eager_times: list[float] = []  # `auto`'s probe
+    compile_policy = compilation.CompilePolicy(
+        t.compile_layers, peft_model, is_cuda=is_cuda, quantized=bool(loaded.quantization),
+        checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
+    return _Run(config, run_dir, state, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
+                prepared, batches, fused, compile_policy, pad_id, is_lm)
 
-    def compile_layers() -> None:
-        compiled.extend(compilation.compile_blocks(trainable))
-        undo.callback(compilation.uncompile, compiled)
-        emit(ev.LogMessage(f"compiling {len(compiled)} decoder layers: the next step takes longer, the rest less"))
 
-    def step_batches(step: int) -> _StepBatches:
-        """The step's micro-batches on the device (copied without blocking the host) and the counts they carry."""
-        cpu = micro_batches(step)
-        # the model shifts labels by one, so the first position of each row never counts
-        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in cpu) if is_lm else 0
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in cpu)  # packed batches carry position_ids instead of a mask
-        moved = [losses.to_device(b, accelerator.device, fused) for b in cpu]
-        return _StepBatches(moved, label_tokens, tokens)
+def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | ev.Failed:
+    """The optimizer steps, top to bottom: control, batch, forward/backward, clip, one host sync, step, report."""
+    import torch
 
-    def forward_backward(batches: _StepBatches) -> list[Any]:
-        """Every micro-batch's forward and backward (gradients accumulate); their losses, still on the device."""
-        micro_losses = []
-        for i, batch in enumerate(batches.micro):
-            last = i == len(batches.micro) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
-                with accelerator.autocast():
-                    loss = losses.step_loss(peft_model, batch, batches.label_tokens, len(batches.micro), is_lm,
-                                            compiled=bool(compiled))
-                accelerator.backward(loss)
-            micro_losses.append(loss.detach())
-        return micro_losses
+    from studio.core.adapters import spectrum
+    from studio.core.train import optimization
 
-    if compile_when == "now":
-        compile_layers()
-    prefetched: dict[int, _StepBatches] = {}
+    t, state, accelerator = run.config.training, run.state, run.accelerator
+    world = accelerator.num_processes
+    prefetched: dict[int, StepBatch] = {}
     spectrum_next = state.step
     while state.step < t.max_steps:
         if control.stop_requested:
-            return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=True)
+            return _finish(run, emit, stopped=True)
         if control.pause_requested:
-            path = save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
+            path = _save_checkpoint(run)
             emit(ev.CheckpointSaved(state.step, str(path)))
             emit(ev.Paused(state.step, str(path)))
             control.wait_while_paused()
             if not control.stop_requested:
                 emit(ev.Resumed(state.step))
             continue
-        if compile_when == "probe" and len(eager_times) == compilation.PROBE_STEPS + 1:
-            compile_when = None
-            if compilation.pays(sorted(eager_times[1:])[compilation.PROBE_STEPS // 2], t.max_steps - state.step):
-                compile_layers()
+        run.compile.before_step(t.max_steps - state.step)
 
         started = time.perf_counter()
-        if is_cuda:
+        if run.is_cuda:
             torch.cuda.reset_peak_memory_stats(accelerator.device)
-        peft_model.train()
-        batches = prefetched.pop(state.step, None) or step_batches(state.step)
+        run.model.train()
+        batch = prefetched.pop(state.step, None) or _on_device(run, run.batches.for_step(state.step))
         try:
-            micro_losses = forward_backward(batches)
+            micro_losses = _forward_backward(run, batch)
         except Exception as exc:
-            if not compiled or not compilation.is_compile_failure(exc):
+            if not run.compile.fall_back(exc):
                 raise
-            # the compiler, not the run, failed (no C compiler, an unsupported op...): the step again, eager
-            compilation.uncompile(compiled)
-            compiled.clear()
-            optimizer.zero_grad(set_to_none=True)
-            emit(ev.LogMessage(f"compiling the decoder layers failed ({first_line(exc)}); training on without "
-                               "compiling (set training.compile_layers: false to skip the attempt)", "warning"))
-            micro_losses = forward_backward(batches)
-        grad_norm = optimization.clip_gradients(accelerator, params, t.max_grad_norm)
+            run.optimizer.zero_grad(set_to_none=True)  # the step again, eager
+            micro_losses = _forward_backward(run, batch)
+        grad_norm = optimization.clip_gradients(accelerator, run.params, t.max_grad_norm)
         if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
-            prefetched = {state.step + 1: step_batches(state.step + 1)}
+            prefetched = {state.step + 1: _on_device(run, run.batches.for_step(state.step + 1))}
         # the step's one host sync; float64 sums the micro-batch losses as Python floats did
         loss_sum, grad_norm = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()]).tolist()
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
@@ -349,40 +316,67 @@ def _run(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
                 f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
             )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += batches.tokens * world
+        state.tokens_seen += batch.tokens * world
         step_time = time.perf_counter() - started
-        if compile_when == "probe":
-            eager_times.append(step_time)
+        run.compile.after_step(step_time)
         state.elapsed_s += step_time
         state.last_loss = loss_sum
-        per_step = state.elapsed_s / state.step
         emit(ev.StepMetrics(
-            step=state.step, total_steps=t.max_steps, epoch=state.step * micro_per_step / batches_per_epoch,
-            loss=loss_sum, lr=float(scheduler.get_last_lr()[0]), grad_norm=grad_norm,
-            tokens_per_s=batches.tokens * world / step_time if step_time > 0 else 0.0,
-            tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s, eta_s=per_step * (t.max_steps - state.step),
-            gpu_mem_bytes=int(torch.cuda.max_memory_allocated(accelerator.device)) if is_cuda else None,
+            step=state.step, total_steps=t.max_steps, epoch=run.batches.epoch_at(state.step),
+            loss=loss_sum, lr=float(run.scheduler.get_last_lr()[0]), grad_norm=grad_norm,
+            tokens_per_s=batch.tokens * world / step_time if step_time > 0 else 0.0,
+            tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
+            eta_s=state.elapsed_s / state.step * (t.max_steps - state.step),
+            gpu_mem_bytes=int(torch.cuda.max_memory_allocated(accelerator.device)) if run.is_cuda else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
-            emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
+            emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            with compilation.eager(compiled):
-                _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+            with run.compile.eager():
+                _evaluate(run, emit)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-            path = save_checkpoint(run_dir, trainable, optimizer, scheduler, state, t.keep_checkpoints, config)
-            emit(ev.CheckpointSaved(state.step, str(path)))
+            emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
 
-    if prepared.val:
-        with compilation.eager(compiled):
-            _evaluate(emit, trainable, tokenizer, prepared, t, pad_id, state, accelerator)
+    if run.prepared.val:
+        with run.compile.eager():
+            _evaluate(run, emit)
     if t.spectrum_every:
-        emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(trainable)))
-    return _finish(emit, trainable, tokenizer, run_dir, state, config, optimizer, scheduler, stopped=False)
+        emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
+    return _finish(run, emit, stopped=False)
+
+
+def _on_device(run: _Run, batch: StepBatch) -> StepBatch:
+    """The step's micro-batches copied to the device without blocking the host (losses.to_device)."""
+    from studio.core.train import losses
+
+    return StepBatch([losses.to_device(b, run.accelerator.device, run.fused) for b in batch.micro],
+                     batch.label_tokens, batch.tokens)
+
+
+def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
+    """Every micro-batch's forward and backward (gradients accumulate); their losses, still on the device."""
+    from studio.core.train import losses
+
+    micro_losses = []
+    for i, micro in enumerate(batch.micro):
+        last = i == len(batch.micro) - 1
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.model):
+            with run.accelerator.autocast():
+                loss = losses.step_loss(run.model, micro, batch.label_tokens, len(batch.micro), run.is_lm,
+                                        compiled=run.compile.active)
+            run.accelerator.backward(loss)
+        micro_losses.append(loss.detach())
+    return micro_losses
+
+
+def _save_checkpoint(run: _Run) -> Path:
+    return save_checkpoint(run.run_dir, run.trainable, run.optimizer, run.scheduler, run.state,
+                           run.config.training.keep_checkpoints, run.config)
 
 
 def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: ev.Recorder) -> bool:
@@ -407,29 +401,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate(emit: ev.Recorder, model: Any, tokenizer: Any, prepared: Any, t: Any, pad_id: int,
-              state: RunState, accelerator: Any) -> None:
+def _evaluate(run: _Run, emit: ev.Recorder) -> None:
     """Validation loss (token-weighted over the whole split) and the task score on a bounded sample."""
-    import torch
-
     from studio.core.data import dataset as datamod
     from studio.core.train import evaluation
 
+    prepared, model, t, state = run.prepared, run.trainable, run.config.training, run.state
     if not prepared.val:
         return
     model.eval()
-    total, weight = 0.0, 0
-    with torch.no_grad(), accelerator.autocast():
-        for start in range(0, len(prepared.val), t.batch_size):
-            batch = datamod.collate(prepared.val[start:start + t.batch_size], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss = model(**batch, use_cache=False).loss if "position_ids" in batch else model(**batch).loss
-            is_lm = prepared.format != "classification"
-            n = int((batch["labels"][:, 1:] != -100).sum()) if is_lm else int(batch["labels"].numel())
-            total += float(loss) * n
-            weight += n
-    state.last_val_loss = total / max(1, weight)
-    score = evaluation.score(model, tokenizer, prepared, limit=t.eval_examples) if t.eval_examples else None
+    state.last_val_loss = evaluation.validation_loss(
+        model, prepared.val, lambda examples: datamod.collate(examples, run.pad_id), batch_size=t.batch_size,
+        device=run.accelerator.device, autocast=run.accelerator.autocast, is_lm=run.is_lm)
+    score = evaluation.score(model, run.tokenizer, prepared, limit=t.eval_examples) if t.eval_examples else None
     if score is not None:
         state.last_score = score.score
     emit(ev.EvalMetrics(state.step, state.last_val_loss, score.score if score else None,
@@ -437,19 +421,18 @@ def _evaluate(emit: ev.Recorder, model: Any, tokenizer: Any, prepared: Any, t: A
     model.train()
 
 
-def _finish(emit: ev.Recorder, model: Any, tokenizer: Any, run_dir: Path, state: RunState, config: RunConfig,
-            optimizer: Any, scheduler: Any, *, stopped: bool) -> ev.Finished:
+def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
     from studio.core.adapters.saving import save_adapter
 
+    state = run.state
     if stopped and state.step > 0:
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints, config)
-        emit(ev.CheckpointSaved(state.step, str(path)))
-    adapter_dir = run_dir / "adapter"
-    save_adapter(model, adapter_dir, base_model_spec=config.model.source)
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, run_dir / "tokenizer")
+        emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
+    adapter_dir = run.run_dir / "adapter"
+    save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
+    if run.tokenizer is not None:
+        _save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
     finished = ev.Finished(
-        step=state.step, run_dir=str(run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
+        step=state.step, run_dir=str(run.run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
         final_loss=state.last_loss, final_val_loss=state.last_val_loss, final_score=state.last_score,
     )
     emit(finished)

@@ -1,4 +1,4 @@
-"""Task scores besides loss, on prepared validation examples.
+"""How a run does on its validation examples: the validation loss, and task scores besides loss.
 
 - exact_match (instruction and chat data): the prompt is everything before the example's last loss span, the
   reference is that span without its closing special tokens; greedy generations (batched, LEFT-padded) are compared
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from studio.core.data.dataset import IGNORE_INDEX, Example, PreparedData, collate
 
@@ -156,3 +156,21 @@ def accuracy(
 def _result(name: str, samples: list[ScoreSample]) -> ScoreResult:
     correct = sum(s.correct for s in samples)
     return ScoreResult(name, correct / len(samples) if samples else float("nan"), len(samples), tuple(samples))
+
+
+def validation_loss(model: Any, examples: Sequence[Example], collate: Callable[[Sequence[Example]], dict[str, Any]],
+                    *, batch_size: int, device: Any, autocast: Callable[[], Any], is_lm: bool) -> float:
+    """The loss over all of `examples`, weighted by the tokens that carry it (by examples for classification), so
+    it is the mean one big batch would give whatever the batch size."""
+    import torch
+
+    total, weight = 0.0, 0
+    with torch.no_grad(), autocast():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+            # use_cache=False: with a cache, transformers ignores packed position_ids
+            loss = model(**batch, use_cache=False).loss if "position_ids" in batch else model(**batch).loss
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if is_lm else int(batch["labels"].numel())
+            total += float(loss) * n
+            weight += n
+    return total / max(1, weight)

@@ -1,0 +1,55 @@
+"""Which examples each optimizer step trains on, as a pure function of (seed, step): resume needs no record of the
+data position, and every process of a multi-process run takes its own slice of the same order.
+
+An epoch is one pass over the examples in a random order drawn from `seed + epoch`. It is cut into micro-batches of
+`batch_size` per process; `gradient_accumulation` consecutive micro-batches make one optimizer step. Examples left
+over at the end of an epoch (fewer than one micro-batch for every process) wait for the next epoch's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's micro-batches (tensors, on the device once `to_device` ran) and what they count."""
+
+    micro: list[dict[str, Any]]
+    label_tokens: int  # tokens that carry loss over all micro-batches: the loss's divisor
+    tokens: int  # non-padding tokens fed to the model
+
+
+class Batches:
+    def __init__(self, examples: Sequence[Any], collate: Any, *, batch_size: int, accumulation: int, world: int,
+                 rank: int, seed: int, is_lm: bool) -> None:
+        self.examples = examples
+        self.collate = collate  # examples -> dict of CPU tensors
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.world, self.rank, self.seed, self.is_lm = world, rank, seed, is_lm
+        self.micro_per_epoch = max(1, len(examples) // (batch_size * world))
+        self._order: tuple[int, Any] | None = None  # (epoch, permutation): drawn once per epoch
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs completed after `step` optimizer steps (fractional)."""
+        return step * self.accumulation / self.micro_per_epoch
+
+    def for_step(self, step: int) -> StepBatch:
+        """The micro-batches of optimizer step `step` (0-based), on the CPU, with their token counts."""
+        micro = [self.collate(self._micro_batch(step * self.accumulation + i)) for i in range(self.accumulation)]
+        # the model shifts labels by one, so the first position of each row never counts
+        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro) if self.is_lm else 0
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in micro)  # packed batches carry position_ids instead of a mask
+        return StepBatch(micro, label_tokens, tokens)
+
+    def _micro_batch(self, index: int) -> list[Any]:
+        import torch
+
+        epoch, position = divmod(index, self.micro_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=generator).tolist())
+        start = (position * self.world + self.rank) * self.batch_size
+        return [self.examples[i] for i in self._order[1][start:start + self.batch_size]]
