@@ -63,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
     train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
     train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    _add_launch_arguments(train)
 
     res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     res.add_argument("run_dir", help="a run folder holding run.yaml and checkpoints/")
     res.add_argument("--max-steps", type=int, help="a new step budget (default: the run's own)")
+    _add_launch_arguments(res)
 
     export = sub.add_parser("export", help="copy a run's adapter (PEFT format) to a folder")
     export.add_argument("run_dir", help="a run folder")
@@ -145,6 +147,18 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full")
     parser.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
     parser.add_argument("--num-labels", type=int, default=2, help="classes for --task seq-cls")
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several GPUs (accelerate launch, one process per GPU)")
+    group.add_argument("--gpus", type=int, help="train on N GPUs of this machine (N processes; with model.device: cpu, "
+                       "N CPU processes)")
+    group.add_argument("--accelerate-config", metavar="FILE",
+                       help="an accelerate config file, or `ddp` / `fsdp` for the shipped ones (default: DDP)")
+    group.add_argument("--nodes", type=int, default=1, help="machines taking part (run the same command on each)")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nodes (0: the main one)")
+    group.add_argument("--main-address", default="127.0.0.1", help="node 0's address, reachable from every node")
+    group.add_argument("--main-port", type=int, default=0, help="node 0's port (default: a free one, one node only)")
 
 
 def _open_for_planning(spec: str, task: str, num_labels: int) -> Any:
@@ -269,6 +283,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
+    from pathlib import Path
 
     from studio.core import runconfig
 
@@ -276,15 +291,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
         config.check()
-    from studio.core.train.engine import train
+    from studio.core.train.engine import new_run_dir, train
 
+    if _launches(args):
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(config)
+        steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+        return _launch(args, ["train", str(args.run_file), "--run-dir", str(run_dir), *steps], run_dir,
+                       config.model.device)
     return _drive(lambda on_event, control: train(config, on_event, control, run_dir=args.run_dir))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from studio.core.train.engine import resume
 
+    if _launches(args):
+        from studio.core import runconfig
+
+        device = runconfig.load(Path(args.run_dir) / "run.yaml").model.device
+        steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+        return _launch(args, ["resume", str(args.run_dir), *steps], Path(args.run_dir), device)
     return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
+
+
+def _launches(args: argparse.Namespace) -> bool:
+    """Whether this command starts the run's processes through accelerate (--gpus, --nodes, a config file)."""
+    return bool(args.gpus or args.nodes > 1 or args.accelerate_config)
+
+
+def _launch(args: argparse.Namespace, cli_args: list[str], run_dir: Any, device: str) -> int:
+    import subprocess
+
+    from studio.core.train import launch
+
+    processes = args.gpus or 1
+    if processes < 1:
+        raise StudioError(f"--gpus must be at least 1, got {processes}")
+    launch.check_gpus(processes, device)
+    config_file = args.accelerate_config
+    if config_file in launch.ACCELERATE_CONFIGS:
+        config_file = str(launch.accelerate_config(config_file))
+    plan = launch.Launch(processes, args.nodes, args.node_rank, args.main_address, args.main_port, config_file)
+    if args.node_rank > 0:  # the main node follows the run and writes it; this one lends its GPUs
+        code = subprocess.run(launch.command(plan, cli_args)).returncode
+        print(f"node {args.node_rank}: its processes ended with exit code {code}; the run is in {run_dir} on node 0")
+        return 0 if code == 0 else EXIT_USAGE
+    return _drive(lambda on_event, control: launch.run(plan, cli_args, run_dir, on_event, control))
 
 
 def _drive(start: Any) -> int:
@@ -298,10 +351,13 @@ def _drive(start: Any) -> int:
 
     control = TrainControl()
     bar: list[Any] = []
+    mirror = _event_mirror()
 
     def on_event(event: Any) -> None:
+        mirror(event)
         if isinstance(event, ev.RunStarted):
-            sys.stderr.write(f"run folder: {event.run_dir}\n{event.model} on {event.device}: "
+            processes = f" × {event.processes} processes" if event.processes > 1 else ""
+            sys.stderr.write(f"run folder: {event.run_dir}\n{event.model} on {event.device}{processes}: "
                              f"{event.counts['trainable']:,} trainable parameters, "
                              f"{event.train_examples} training / {event.val_examples} validation examples\n")
             bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
@@ -332,6 +388,15 @@ def _drive(start: Any) -> int:
     score = f", score {result.final_score:.3f}" if result.final_score is not None else ""
     print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{score}; adapter in {result.adapter_dir}")
     return 0
+
+
+def _event_mirror() -> Any:
+    """Under `--gpus`, the main process's events also go to the file the launching side follows."""
+    import os
+
+    from studio.core.train.launch import EVENTS_ENV, event_writer
+
+    return event_writer(os.environ[EVENTS_ENV]) if os.environ.get(EVENTS_ENV) else (lambda _event: None)
 
 
 def _bar_write(bar: list[Any], text: str) -> None:

@@ -21,6 +21,7 @@ class RunStarted:
     val_examples: int
     total_steps: int
     start_step: int = 0  # > 0 when resuming
+    processes: int = 1  # accelerate's processes (one per GPU) training together
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class StepMetrics:
     tokens_seen: int
     elapsed_s: float
     eta_s: float
-    gpu_mem_bytes: int | None = None  # peak allocated since the last step, None on CPU
+    gpu_mem_bytes: int | None = None  # peak allocated since the last step (the largest of all GPUs), None on CPU
+    gpu_mem_per_device: tuple[int, ...] | None = None  # each process's GPU peak, when there are several
 
 
 @dataclass(frozen=True)
@@ -119,15 +121,18 @@ def to_record(event: Event) -> dict[str, Any]:
 
 
 class Recorder:
-    """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing)."""
+    """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing).
+    `write=False` (the processes of a multi-process run other than the main one) writes nothing."""
 
-    def __init__(self, run_dir: Path, on_event: Callable[[Event], None]):
+    def __init__(self, run_dir: Path, on_event: Callable[[Event], None], *, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.on_event = on_event
-        self.handle = self.path.open("a")
+        self.handle = self.path.open("a") if write else None
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
+        if self.handle is None:
+            pass
+        elif not isinstance(event, SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
             self.handle.write(json.dumps(to_record(event)) + "\n")
             self.handle.flush()
         else:
@@ -136,4 +141,5 @@ class Recorder:
         self.on_event(event)
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()

@@ -17,8 +17,10 @@ class StepBatch:
     """One optimizer step's micro-batches (tensors, on the device once `to_device` ran) and what they count."""
 
     micro: list[dict[str, Any]]
-    label_tokens: int  # tokens that carry loss over all micro-batches: the loss's divisor
-    tokens: int  # non-padding tokens fed to the model
+    # the loss's divisor: the tokens that carry loss in all micro-batches of all processes, per process (DDP
+    # averages the processes' gradients), so the step's loss is the token-weighted mean one big batch would give
+    label_tokens: float
+    tokens: int  # non-padding tokens this process fed to the model
 
 
 class Batches:
@@ -37,19 +39,30 @@ class Batches:
 
     def for_step(self, step: int) -> StepBatch:
         """The micro-batches of optimizer step `step` (0-based), on the CPU, with their token counts."""
-        micro = [self.collate(self._micro_batch(step * self.accumulation + i)) for i in range(self.accumulation)]
-        # the model shifts labels by one, so the first position of each row never counts
-        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro) if self.is_lm else 0
+        indices = range(step * self.accumulation, (step + 1) * self.accumulation)
+        micro = [self.collate(self._micro_batch(index, self.rank)) for index in indices]
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in micro)  # packed batches carry position_ids instead of a mask
-        return StepBatch(micro, label_tokens, tokens)
+        if not self.is_lm:
+            return StepBatch(micro, 0, tokens)
+        # the other processes' batches are known here too (the order is shared): count their loss tokens without
+        # asking them, which would cost a collective and a host sync
+        counted = sum(_loss_tokens(self._micro_batch(index, rank)) for index in indices for rank in range(self.world))
+        return StepBatch(micro, counted / self.world if self.world > 1 else counted, tokens)
 
-    def _micro_batch(self, index: int) -> list[Any]:
+    def _micro_batch(self, index: int, rank: int) -> list[Any]:
         import torch
 
         epoch, position = divmod(index, self.micro_per_epoch)
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._order = (epoch, torch.randperm(len(self.examples), generator=generator).tolist())
-        start = (position * self.world + self.rank) * self.batch_size
+        start = (position * self.world + rank) * self.batch_size
         return [self.examples[i] for i in self._order[1][start:start + self.batch_size]]
+
+
+def _loss_tokens(examples: Sequence[Any]) -> int:
+    """Tokens that carry loss: the model shifts labels by one, so the first position of each row never counts."""
+    import numpy as np
+
+    return sum(int(np.count_nonzero(np.asarray(e.labels[1:]) != -100)) for e in examples)

@@ -29,6 +29,7 @@ class RunState:
     last_loss: float | None = None
     last_val_loss: float | None = None
     last_score: float | None = None
+    processes: int = 1  # the run's processes: each one's share of the data depends on their number
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -65,6 +66,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     (staging / "trainer_state.json").write_text(json.dumps({
         "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
         "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
+        "processes": state.processes,
     }))
     if target.exists():
         shutil.rmtree(target)
@@ -80,7 +82,7 @@ def read_state(checkpoint: Path) -> RunState:
     data = json.loads((checkpoint / "trainer_state.json").read_text())
     return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
                     last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
-                    last_score=data.get("last_score"))
+                    last_score=data.get("last_score"), processes=int(data.get("processes", 1)))
 
 
 def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState) -> None:
@@ -100,7 +102,7 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     loaded = read_state(checkpoint)
-    for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score"):
+    for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score", "processes"):
         setattr(state, name, getattr(loaded, name))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
-from studio.core.errors import StudioError, TrainingError
+from studio.core.errors import StudioError, TrainingError, first_line
 from studio.core.files import write_atomic
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
@@ -40,6 +40,7 @@ from studio.core.train.checkpoints import (
     truncate_metrics,
 )
 from studio.core.train.control import TrainControl
+from studio.core.train.processes import Processes, clear_request, lost_a_peer, read_request
 
 EventCallback = Callable[[ev.Event], None]
 
@@ -71,6 +72,14 @@ def train(
     """
     control = control or TrainControl()
     emit_to_caller = on_event or (lambda _e: None)
+    try:
+        procs = Processes(_accelerator(config))
+    except (ValueError, RuntimeError) as exc:  # accelerate refuses a precision this machine lacks, and the like
+        failed = ev.Failed(f"cannot start training here: {first_line(exc)}", 0)
+        emit_to_caller(failed)
+        return failed
+    if not procs.is_main:
+        emit_to_caller = lambda _e: None  # noqa: E731 - listeners hear the main process only
     if resume_from is not None:
         checkpoint = Path(resume_from)
         if (checkpoint / "run.yaml").is_file():
@@ -83,24 +92,27 @@ def train(
         run_dir = Path(run_dir or checkpoint.parent.parent)
     else:
         config = _with_absolute_paths(config)
-        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+        run_dir = procs.agree(Path(run_dir) if run_dir is not None else new_run_dir(config))
         checkpoint = None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            write_atomic(run_dir / "run.yaml", dump(config))
-        else:
-            truncate_metrics(run_dir, read_state(checkpoint).step)
+        if procs.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            clear_request(run_dir)
+            if checkpoint is None:
+                write_atomic(run_dir / "run.yaml", dump(config))
+            else:
+                truncate_metrics(run_dir, read_state(checkpoint).step)
     except (OSError, StudioError) as exc:
         failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
         emit_to_caller(failed)
         return failed
+    procs.barrier()
 
-    emit = ev.Recorder(run_dir, emit_to_caller)
+    emit = ev.Recorder(run_dir, emit_to_caller, write=procs.is_main)
     state = RunState()
     try:
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
-            return _loop(_setup(config, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
+            return _loop(_setup(config, procs, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
     except TrainingError as exc:
         return _fail(emit, str(exc), state, run_dir)
     except StudioError as exc:
@@ -110,15 +122,34 @@ def train(
             return _fail(emit, f"the disk is full ({exc.filename or run_dir}): free space, then resume", state, run_dir)
         return _fail(emit, f"cannot read or write {exc.filename or run_dir}: {exc.strerror or exc}", state, run_dir)
     except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in the run folder, tell the user where
+        if lost_a_peer(exc, procs.world):
+            return _fail(emit, f"another process of this run stopped unexpectedly (killed, out of memory, or an error "
+                         f"of its own: see its output), so process {procs.rank} stopped too at step {state.step}",
+                         state, run_dir)
         if _is_out_of_memory(exc):
             message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
                        "on gradient checkpointing, or load the base in 4-bit")
             return _fail(emit, message, state, run_dir)
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {run_dir / 'error.log'}",
-                     state, run_dir)
+        log = run_dir / f"error{'' if procs.is_main else f'-{procs.rank}'}.log"
+        log.write_text(traceback.format_exc())  # every process may fail on its own: each keeps its own log
+        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {log}", state, run_dir)
     finally:
         emit.close()
+
+
+def _accelerator(config: RunConfig) -> Any:
+    """accelerate's Accelerator for this run: the device (auto: a CUDA GPU when there is one), mixed precision
+    (auto: bf16 where the GPU has it), and under `accelerate launch` the process group it joins."""
+    import torch
+    from accelerate import Accelerator
+
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = config.training.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
 
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
@@ -150,6 +181,7 @@ class _Run:
     config: RunConfig
     run_dir: Path
     state: RunState
+    procs: Processes
     accelerator: Any
     model: Any  # as accelerate wrapped it (DDP under several processes): forward and backward go through it
     trainable: Any  # the PeftModel itself: saved, evaluated, measured
@@ -169,11 +201,9 @@ class _Run:
         return self.accelerator.device.type == "cuda"
 
 
-def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path | None, loaded: Any | None,
-           state: RunState, undo: contextlib.ExitStack) -> _Run:
+def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path, checkpoint: Path | None,
+           loaded: Any | None, state: RunState, undo: contextlib.ExitStack) -> _Run:
     """Open the model, wrap it with PEFT, prepare the data, the optimizer and the fast path; load the checkpoint."""
-    import torch
-    from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from studio.core.adapters.folder import plan_of_adapter
@@ -184,14 +214,9 @@ def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path
     from studio.core.train import compilation, losses, optimization
 
     t = config.training
-    device = config.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
-    _seed_everything(t.seed)
+    accelerator = procs.accelerator
+    device, precision = accelerator.device.type, accelerator.mixed_precision
+    _seed_everything(t.seed)  # the same on every process: the same dropout masks, as HF Trainer's default
 
     # -- model and plan
     if loaded is None:
@@ -242,10 +267,15 @@ def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path
     wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
     if checkpoint is not None:
         load_checkpoint(checkpoint, peft_model, optimizer, scheduler, state)
+        if state.processes != procs.world:
+            raise TrainingError(
+                f"this run was trained on {state.processes} process(es) and is resumed on {procs.world}: resume it "
+                f"on {state.processes} (--gpus {state.processes}), since each process's share of the data depends on it")
+    state.processes = procs.world
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
         counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),
-        total_steps=t.max_steps, start_step=state.step,
+        total_steps=t.max_steps, start_step=state.step, processes=procs.world,
     ))
     if checkpoint is not None:
         emit(ev.Resumed(state.step))
@@ -255,8 +285,8 @@ def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path
 
     # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
     is_cuda = accelerator.device.type == "cuda"
-    fused = is_lm and accelerator.num_processes == 1 and _fused_loss_on(t.fused_loss, peft_model, is_cuda, precision,
-                                                                        emit)
+    # the chunked loss runs the decoder past DDP's forward, which then would not synchronise the gradients
+    fused = is_lm and procs.world == 1 and _fused_loss_on(t.fused_loss, peft_model, is_cuda, precision, emit)
     if fused:  # one row, checked against the model's own loss before the first step
         row = {k: v[:1].to(accelerator.device) for k, v in batches.for_step(state.step).micro[0].items()}
         labels = row.pop("labels")
@@ -266,7 +296,7 @@ def _setup(config: RunConfig, emit: ev.Recorder, run_dir: Path, checkpoint: Path
     compile_policy = compilation.CompilePolicy(
         t.compile_layers, peft_model, is_cuda=is_cuda, quantized=bool(loaded.quantization),
         checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
-    return _Run(config, run_dir, state, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
+    return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
                 prepared, batches, fused, compile_policy, pad_id, is_lm)
 
 
@@ -277,14 +307,18 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
     from studio.core.adapters import spectrum
     from studio.core.train import optimization
 
-    t, state, accelerator = run.config.training, run.state, run.accelerator
-    world = accelerator.num_processes
+    t, state, accelerator, procs = run.config.training, run.state, run.accelerator, run.procs
     prefetched: dict[int, StepBatch] = {}
     spectrum_next = state.step
+    agreed: tuple[bool, bool] = (False, False)  # (stop, pause), as all processes heard it with the last step
     while state.step < t.max_steps:
-        if control.stop_requested:
+        stop, pause = agreed if procs.world > 1 else (control.stop_requested, control.pause_requested)
+        if stop:
             return _finish(run, emit, stopped=True)
-        if control.pause_requested:
+        if pause and procs.world > 1:  # processes cannot wait in place: a pause ends them with a checkpoint
+            emit(ev.LogMessage("paused: the run's processes end with a checkpoint; Resume continues it"))
+            return _finish(run, emit, stopped=True)
+        if pause:
             path = _save_checkpoint(run)
             emit(ev.CheckpointSaved(state.step, str(path)))
             emit(ev.Paused(state.step, str(path)))
@@ -309,8 +343,19 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         grad_norm = optimization.clip_gradients(accelerator, run.params, t.max_grad_norm)
         if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
             prefetched = {state.step + 1: _on_device(run, run.batches.for_step(state.step + 1))}
-        # the step's one host sync; float64 sums the micro-batch losses as Python floats did
-        loss_sum, grad_norm = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()]).tolist()
+        # the step's one host sync (and, on several processes, its one collective): every process's loss, the
+        # gradient norm (the same on all after DDP's all-reduce), tokens, peak memory and stop/pause requests
+        request = read_request(run.run_dir) if procs.world > 1 and procs.is_main else None
+        peak = torch.cuda.max_memory_allocated(accelerator.device) if run.is_cuda else 0
+        row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
+        row = torch.cat([row, torch.tensor([batch.tokens, peak, control.stop_requested or request == "stop",
+                                            control.pause_requested or request == "pause"],
+                                           dtype=torch.float64).to(row.device, non_blocking=True)])
+        rows = procs.gather_rows(row)
+        loss_sum = sum(r[0] for r in rows) / len(rows)  # each process's loss is scaled to the global token count
+        grad_norm = rows[0][1]
+        tokens = int(sum(r[2] for r in rows))
+        agreed = (any(r[4] for r in rows), any(r[5] for r in rows))
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             raise TrainingError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
@@ -320,7 +365,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += batch.tokens * world
+        state.tokens_seen += tokens
         step_time = time.perf_counter() - started
         run.compile.after_step(step_time)
         state.elapsed_s += step_time
@@ -328,13 +373,15 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         emit(ev.StepMetrics(
             step=state.step, total_steps=t.max_steps, epoch=run.batches.epoch_at(state.step),
             loss=loss_sum, lr=float(run.scheduler.get_last_lr()[0]), grad_norm=grad_norm,
-            tokens_per_s=batch.tokens * world / step_time if step_time > 0 else 0.0,
+            tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
             tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
             eta_s=state.elapsed_s / state.step * (t.max_steps - state.step),
-            gpu_mem_bytes=int(torch.cuda.max_memory_allocated(accelerator.device)) if run.is_cuda else None,
+            gpu_mem_bytes=int(max(r[3] for r in rows)) if run.is_cuda else None,
+            gpu_mem_per_device=tuple(int(r[3]) for r in rows) if run.is_cuda and procs.world > 1 else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
-            emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
+            if procs.is_main:  # every process holds the same adapter weights
+                emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             with run.compile.eager():
@@ -345,7 +392,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
     if run.prepared.val:
         with run.compile.eager():
             _evaluate(run, emit)
-    if t.spectrum_every:
+    if t.spectrum_every and procs.is_main:
         emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
     return _finish(run, emit, stopped=False)
 
@@ -375,8 +422,14 @@ def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
 
 
 def _save_checkpoint(run: _Run) -> Path:
-    return save_checkpoint(run.run_dir, run.trainable, run.optimizer, run.scheduler, run.state,
-                           run.config.training.keep_checkpoints, run.config)
+    """The main process writes the checkpoint (every process holds the same adapter and optimizer state); the
+    others wait until it is complete."""
+    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    if run.procs.is_main:
+        path = save_checkpoint(run.run_dir, run.trainable, run.optimizer, run.scheduler, run.state,
+                               run.config.training.keep_checkpoints, run.config)
+    run.procs.barrier()
+    return path
 
 
 def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: ev.Recorder) -> bool:
@@ -402,18 +455,25 @@ def _seed_everything(seed: int) -> None:
 
 
 def _evaluate(run: _Run, emit: ev.Recorder) -> None:
-    """Validation loss (token-weighted over the whole split) and the task score on a bounded sample."""
+    """Validation loss (token-weighted over the whole split) and the task score on a bounded sample; several
+    processes each take a share and the results are gathered."""
     from studio.core.data import dataset as datamod
     from studio.core.train import evaluation
 
-    prepared, model, t, state = run.prepared, run.trainable, run.config.training, run.state
+    prepared, model, t, state, procs = run.prepared, run.trainable, run.config.training, run.state, run.procs
     if not prepared.val:
         return
     model.eval()
-    state.last_val_loss = evaluation.validation_loss(
-        model, prepared.val, lambda examples: datamod.collate(examples, run.pad_id), batch_size=t.batch_size,
-        device=run.accelerator.device, autocast=run.accelerator.autocast, is_lm=run.is_lm)
-    score = evaluation.score(model, run.tokenizer, prepared, limit=t.eval_examples) if t.eval_examples else None
+    total, weight = evaluation.validation_loss_sums(
+        model, procs.shard(prepared.val), lambda examples: datamod.collate(examples, run.pad_id),
+        batch_size=t.batch_size, device=run.accelerator.device, autocast=run.accelerator.autocast, is_lm=run.is_lm)
+    totals = procs.gather_objects([(total, weight)])
+    state.last_val_loss = sum(t_ for t_, _ in totals) / max(1, sum(w for _, w in totals))
+    score = None
+    if t.eval_examples:
+        samples = evaluation.score_samples(model, run.tokenizer, prepared, limit=t.eval_examples, shard=procs.shard)
+        score = evaluation.summarise(prepared.format, procs.gather_objects(samples or [])) if samples is not None \
+            else None
     if score is not None:
         state.last_score = score.score
     emit(ev.EvalMetrics(state.step, state.last_val_loss, score.score if score else None,
@@ -428,9 +488,11 @@ def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
     if stopped and state.step > 0:
         emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
     adapter_dir = run.run_dir / "adapter"
-    save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
-    if run.tokenizer is not None:
-        _save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
+    if run.procs.is_main:
+        save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
+        if run.tokenizer is not None:
+            _save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
+    run.procs.barrier()
     finished = ev.Finished(
         step=state.step, run_dir=str(run.run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
         final_loss=state.last_loss, final_val_loss=state.last_val_loss, final_score=state.last_score,

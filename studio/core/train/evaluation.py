@@ -42,12 +42,27 @@ def score(
     batch_size: int = 16,
 ) -> ScoreResult | None:
     """The task score for the data's format on the first `limit` validation examples; None for plain text."""
+    samples = score_samples(model, tokenizer, prepared, limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return None if samples is None else summarise(prepared.format, samples)
+
+
+def score_samples(
+    model: Any, tokenizer: Any, prepared: PreparedData, limit: int = 64, *, max_new_tokens: int = 64,
+    batch_size: int = 16, shard: Callable[[Sequence[Example]], list[Example]] = list,
+) -> list[ScoreSample] | None:
+    """The scored samples of `shard`'s share of the first `limit` validation examples (all of them by default;
+    several processes each score their own share and `summarise` what they gathered); None for plain text."""
     examples = prepared.val[:limit]
     if not examples or prepared.format == "text":
         return None
+    mine = shard(examples)
     if prepared.format == "classification":
-        return accuracy(model, tokenizer, examples, prepared.label_names, batch_size=batch_size)
-    return exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return list(accuracy(model, tokenizer, mine, prepared.label_names, batch_size=batch_size).samples)
+    return list(exact_match(model, tokenizer, mine, max_new_tokens=max_new_tokens, batch_size=batch_size).samples)
+
+
+def summarise(fmt: str, samples: Sequence[ScoreSample]) -> ScoreResult:
+    return _result("accuracy" if fmt == "classification" else "exact_match", list(samples))
 
 
 def _normalise(text: str) -> str:
@@ -158,10 +173,11 @@ def _result(name: str, samples: list[ScoreSample]) -> ScoreResult:
     return ScoreResult(name, correct / len(samples) if samples else float("nan"), len(samples), tuple(samples))
 
 
-def validation_loss(model: Any, examples: Sequence[Example], collate: Callable[[Sequence[Example]], dict[str, Any]],
-                    *, batch_size: int, device: Any, autocast: Callable[[], Any], is_lm: bool) -> float:
-    """The loss over all of `examples`, weighted by the tokens that carry it (by examples for classification), so
-    it is the mean one big batch would give whatever the batch size."""
+def validation_loss_sums(model: Any, examples: Sequence[Example],
+                         collate: Callable[[Sequence[Example]], dict[str, Any]], *, batch_size: int, device: Any,
+                         autocast: Callable[[], Any], is_lm: bool) -> tuple[float, int]:
+    """(summed loss, weight) over `examples`: the loss weighted by the tokens that carry it (by examples for
+    classification), so that sums from several shards give the mean one big batch would."""
     import torch
 
     total, weight = 0.0, 0
@@ -173,4 +189,4 @@ def validation_loss(model: Any, examples: Sequence[Example], collate: Callable[[
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if is_lm else int(batch["labels"].numel())
             total += float(loss) * n
             weight += n
-    return total / max(1, weight)
+    return total, weight

@@ -91,7 +91,7 @@ def matches_model(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Ten
     return abs(own - ours) <= tolerance * max(1.0, abs(own))
 
 
-def step_loss(model: Any, batch: dict[str, Any], label_tokens: int, micro: int, is_lm: bool, *,
+def step_loss(model: Any, batch: dict[str, Any], label_tokens: float, micro: int, is_lm: bool, *,
               compiled: bool) -> Any:
     """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
     if "targets" in batch:  # the chunked loss (`to_device` turned the labels into counted positions)

@@ -1,0 +1,219 @@
+"""Train on several GPUs: `accelerate launch` starts one process per GPU, each running `lora-studio train` (or
+`resume`) on the same run file; processes.py holds the rules they keep. The caller here (the CLI's `--gpus`, the
+window's "GPUs: N") stays outside the processes and follows the run as if it ran in-process:
+
+- the main process's CLI mirrors every event it hears into a file named by LORA_STUDIO_EVENTS, which this side
+  reads as it grows and passes to `on_event` (the same events, the same progress bar and plots);
+- a stop or pause asked of `control` becomes the run folder's control file, which the main process reads between
+  steps;
+- what the processes print goes to a log file; a run that ends without a result (a process killed, a launcher
+  error) ends here in one line naming that log, instead of torchrun's wall of tracebacks.
+
+With `model.device: cpu` the processes run on the CPU and talk over gloo: the same path, testable without GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from studio.core import events as ev
+from studio.core.errors import TrainingError
+from studio.core.logs import state_dir
+from studio.core.resources import resources_root
+from studio.core.train.checkpoints import latest_checkpoint, read_state
+from studio.core.train.control import TrainControl
+from studio.core.train.processes import write_request
+from studio.core.train.run_folder import event_from
+
+EVENTS_ENV = "LORA_STUDIO_EVENTS"  # set in the processes' environment: where the main one mirrors its events
+POLL_S = 0.2
+ACCELERATE_CONFIGS = ("ddp", "fsdp")  # resources/accelerate/<name>.yaml
+# torchrun's summary when a process fails: the first one to fail, and its exit code (negative: the signal)
+ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start a run's processes. `processes` per machine; several machines meet at `main_address:port`
+    (machine 0's address; the same command runs on each machine with its own `machine_rank`)."""
+
+    processes: int
+    machines: int = 1
+    machine_rank: int = 0
+    main_address: str = "127.0.0.1"
+    main_port: int = 0  # 0: a free port on this machine (one machine only)
+    config_file: str | None = None  # an accelerate config file (e.g. resources/accelerate/fsdp.yaml)
+
+
+def accelerate_config(name: str) -> Path:
+    """One of the shipped accelerate configs (`ddp`, `fsdp`)."""
+    if name not in ACCELERATE_CONFIGS:
+        raise TrainingError(f"unknown accelerate config {name!r}: use {', '.join(ACCELERATE_CONFIGS)} or a file")
+    return resources_root() / "accelerate" / f"{name}.yaml"
+
+
+def command(launch: Launch, cli_args: Sequence[str]) -> list[str]:
+    """The `accelerate launch` command line that runs `lora-studio CLI_ARGS` in every process."""
+    if launch.processes < 1 or launch.machines < 1 or not 0 <= launch.machine_rank < launch.machines:
+        raise TrainingError(f"cannot launch {launch.processes} process(es) on machine {launch.machine_rank} of "
+                            f"{launch.machines}: give at least one process and machine")
+    port = launch.main_port or _free_port()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", launch.config_file] if launch.config_file else ["--multi_gpu"]
+    cmd += ["--num_processes", str(launch.processes * launch.machines), "--num_machines", str(launch.machines),
+            "--machine_rank", str(launch.machine_rank), "--main_process_ip", launch.main_address,
+            "--main_process_port", str(port), "--dynamo_backend", "no"]
+    if not launch.config_file:
+        cmd += ["--mixed_precision", "no"]  # the run file's precision decides (the engine's Accelerator)
+    return cmd + ["--module", "studio.cli", *cli_args]
+
+
+def check_gpus(processes: int, device: str) -> None:
+    """Refuse more GPU processes than this machine has GPUs (CPU processes, for device cpu, are not counted)."""
+    import torch
+
+    if device == "cpu":
+        return
+    found = torch.cuda.device_count()
+    if processes > found:
+        where = "this machine has no CUDA GPU" if not found else f"this machine has {found}"
+        raise TrainingError(f"{processes} GPUs asked for, but {where}: lower --gpus, or set model.device: cpu to "
+                            "try the multi-process path on the CPU")
+
+
+def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callable[[Any], None] | None = None,
+        control: TrainControl | None = None) -> ev.Finished | ev.Failed:
+    """Start the processes, follow their events until they end, and return the run's last event."""
+    control = control or TrainControl()
+    on_event = on_event or (lambda _e: None)
+    folder = state_dir() / "launches"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+    events_file, log_file = folder / f"{name}.jsonl", folder / f"{name}.log"
+    env = {**os.environ, EVENTS_ENV: str(events_file)}
+    # torchrun otherwise sets 1 thread per process and says so on stderr
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, launch.processes))))
+    with log_file.open("w") as log:
+        # a session of their own: the terminal's Ctrl-C reaches this side, which asks for a clean stop
+        process = subprocess.Popen(command(launch, cli_args), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    reader = _EventReader(events_file)
+    last: Any = None
+    asked: set[str] = set()
+    while True:
+        for event in reader.new_events():
+            on_event(event)
+            last = event if isinstance(event, (ev.Finished, ev.Failed)) else last
+        for request, wanted in (("stop", control.stop_requested), ("pause", control.pause_requested)):
+            if wanted and request not in asked and run_dir.is_dir():
+                write_request(run_dir, request)
+                asked.add(request)
+        if process.poll() is not None:
+            break
+        time.sleep(POLL_S)
+    for event in reader.new_events():
+        on_event(event)
+        last = event if isinstance(event, (ev.Finished, ev.Failed)) else last
+    cause = _root_cause(log_file) if process.returncode else None
+    if last is not None and (cause is None or cause[0] == 0):
+        return last
+    # no process could say how the run ended, or the main one only saw another go (killed, and torchrun stopped the
+    # rest): say it here, in the run folder too, now that none of them writes to it any more
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    message = _reason(log_file, process.returncode)
+    if checkpoint is not None:
+        message += f"; its last checkpoint is {checkpoint.name}: `lora-studio resume {run_dir} --gpus {launch.processes}`"
+    failed = ev.Failed(message, read_state(checkpoint).step if checkpoint else 0, str(checkpoint) if checkpoint else None)
+    if (run_dir / "run.yaml").is_file():
+        recorder = ev.Recorder(run_dir, on_event)
+        recorder(failed)
+        recorder.close()
+    else:
+        on_event(failed)
+    return failed
+
+
+def event_writer(path: str) -> Callable[[Any], None]:
+    """What the main process's CLI adds to its listener: each event appended to `path` as one JSON line."""
+    handle = Path(path).open("a", encoding="utf-8")
+
+    def write(event: Any) -> None:
+        handle.write(json.dumps(ev.to_record(event)) + "\n")
+        handle.flush()
+
+    return write
+
+
+class _EventReader:
+    """The complete lines added to a growing JSON-lines file since the last call, as events."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_events(self) -> list[Any]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(complete)
+        events = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                event = event_from(json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            if event is not None:
+                events.append(event)
+        return events
+
+
+def _reason(log_file: Path, returncode: int | None) -> str:
+    """Why the processes ended without a result: the process torchrun found failed first, when that is not the main
+    one (which then only saw it go), else the first one-line error a process printed (the CLI's `lora-studio: ...`),
+    else where to look."""
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    cause = _root_cause(log_file)
+    said = next((line.split("lora-studio: ", 1)[1] for line in text.splitlines() if line.startswith("lora-studio: ")),
+                None)
+    if said and (cause is None or cause[0] == 0):
+        return said
+    if cause is None:
+        return f"the run's processes ended without a result (exit code {returncode}): see {log_file}"
+    rank, code = cause
+    if code >= 0:
+        return f"process {rank} of the run failed (exit code {code}) and the others were stopped: see {log_file}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    why = " (the system does this when memory runs out)" if name == "SIGKILL" else ""
+    return f"process {rank} of the run was ended by {name}{why} and the others were stopped"
+
+
+def _root_cause(log_file: Path) -> tuple[int, int] | None:
+    """(rank, exit code) of the process torchrun found failed first, from its summary in the log."""
+    try:
+        cause = ROOT_CAUSE.search(log_file.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    return (int(cause["rank"]), int(cause["code"])) if cause else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

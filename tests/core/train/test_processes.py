@@ -1,0 +1,169 @@
+"""Several processes through accelerate, on the CPU (gloo): one run folder written once, the same losses as one
+process at the same global batch, a killed process ends the run cleanly and `resume` continues it, and two
+"machines" on one host (loopback) train one run. The launcher is the real CLI (`lora-studio train --gpus 2` with
+`model.device: cpu`), the processes real `accelerate launch` children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio.core import events as ev
+from studio.core.data.dataset import demo_spec
+from studio.core.runconfig import load
+from studio.core.train.engine import train
+from studio.core.train.launch import Launch, command
+from studio.core.train.run_folder import read_records
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory, default_tokenizer):
+    """A random 2-layer Llama with the default model's tokenizer: a step takes milliseconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(default_tokenizer), tie_word_embeddings=True,
+                         pad_token_id=default_tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run_file(folder: Path, model: Path, batch_size: int, **training) -> Path:
+    demo = demo_spec()
+    settings = dict(learning_rate=3e-3, max_steps=STEPS, batch_size=batch_size, warmup_ratio=0.0,
+                    schedule="constant", eval_every=3, eval_examples=4, save_every=2, spectrum_every=3, seed=5,
+                    keep_checkpoints=0)
+    settings.update(training)
+    run = {
+        "model": {"source": str(model), "device": "cpu"},
+        "plan": {"targets": "q_proj,v_proj", "rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train_path": demo.train_path, "val_path": demo.val_path, "format": "instruction",
+                 "max_length": 96},
+        "training": settings,
+        "output_dir": str(folder / "runs"),
+    }
+    path = folder / f"run-{batch_size}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_records(run_dir) if r["event"] == "StepMetrics"}
+
+
+def test_two_processes_write_one_run_and_match_one_process_at_the_same_global_batch(tiny_model_folder, tmp_path):
+    run_dir = tmp_path / "two"
+    result = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2)), "--gpus", "2", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "× 2 processes" in result.stderr  # the progress the launching side showed came from the processes
+
+    records = read_records(run_dir)
+    kinds = [r["event"] for r in records]
+    assert kinds.count("RunStarted") == 1 and kinds.count("Finished") == 1
+    assert [r["step"] for r in records if r["event"] == "StepMetrics"] == list(range(1, STEPS + 1))
+    assert next(r for r in records if r["event"] == "RunStarted")["processes"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(run_dir.glob("error*.log"))
+    spectra = (run_dir / "spectra.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in spectra] == [1, 4, 6]  # each written once, not once per process
+    scores = [r for r in records if r["event"] == "EvalMetrics"]
+    assert [r["step"] for r in scores] == [3, 6] and all(0 <= r["score"] <= 1 for r in scores)
+
+    one: list = []
+    single = load(_run_file(tmp_path, tiny_model_folder, 4))  # one process, twice the batch: the same rows per step
+    finished = train(single, one.append, run_dir=tmp_path / "one")
+    assert isinstance(finished, ev.Finished), finished
+    expected = {e.step: e.loss for e in one if isinstance(e, ev.StepMetrics)}
+    assert _losses(run_dir) == pytest.approx(expected, rel=1e-4)
+    one_scores = [e for e in one if isinstance(e, ev.EvalMetrics)]
+    assert [r["val_loss"] for r in scores] == pytest.approx([e.val_loss for e in one_scores], rel=1e-4)
+    assert [r["score"] for r in scores] == [e.score for e in one_scores]  # the shares' samples, gathered
+
+
+def test_a_killed_process_ends_the_run_in_one_line_and_resume_continues_it(tiny_model_folder, tmp_path):
+    run_file = _run_file(tmp_path, tiny_model_folder, 2, max_steps=40, save_every=4, eval_every=0,
+                         spectrum_every=0)
+    run_dir = tmp_path / "killed"
+    launcher = subprocess.Popen([sys.executable, "-m", "studio.cli", "train", str(run_file), "--gpus", "2",
+                                 "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step-4").is_dir():
+        assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint appeared"
+        time.sleep(0.1)
+    rank1 = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("lora-studio: process 1 of the run was ended by SIGKILL"), stderr
+    assert "its last checkpoint is step-" in last and "Traceback" not in stderr
+    assert read_records(run_dir)[-1]["event"] == "Failed"  # the run folder says how it ended
+
+    resumed = _cli("resume", str(run_dir), "--gpus", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [r["step"] for r in read_records(run_dir) if r["event"] == "StepMetrics"]
+    assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
+
+    refused = _cli("resume", str(run_dir), "--max-steps", "44")  # one process: another share of the data each
+    assert refused.returncode == 2 and "resume it on 2" in refused.stderr, refused.stderr
+
+
+def test_two_machines_over_loopback_train_one_run(tiny_model_folder, tmp_path):
+    run_dir = tmp_path / "nodes"
+    args = ["train", str(_run_file(tmp_path, tiny_model_folder, 2, max_steps=3, save_every=0)),
+            "--run-dir", str(run_dir)]
+    port = 29000 + os.getpid() % 1000
+    nodes = [subprocess.Popen(command(Launch(1, machines=2, machine_rank=rank, main_port=port), args),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    records = read_records(run_dir)
+    started = [r for r in records if r["event"] == "RunStarted"]
+    assert len(started) == 1 and started[0]["processes"] == 2
+    assert [r["step"] for r in records if r["event"] == "StepMetrics"] == [1, 2, 3]
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == parent:
+                    found.append(int(entry.name))
+                    frontier.append(int(entry.name))
+    return found
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
