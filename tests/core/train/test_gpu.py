@@ -116,3 +116,31 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
     assert losses["plain"][-1] < losses["plain"][0]
     layers = loaded.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_train_one_run_with_each_gpus_memory(model_folder, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from studio.core.train.run_folder import read_records
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({
+        "model": {"source": str(model_folder), "device": "cuda"},
+        "plan": {"targets": "all-linear", "rank": 8, "alpha": 16},
+        "data": {"train_path": str(model_folder / "train.jsonl"), "format": "text", "max_length": 64},
+        "training": {"max_steps": 5, "batch_size": 4, "save_every": 2, "eval_every": 0, "spectrum_every": 0},
+        "output_dir": str(tmp_path / "runs"),
+    }))
+    done = subprocess.run([sys.executable, "-m", "studio.cli", "train", str(run_file), "--gpus", "2", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_records(tmp_path / "run")
+    assert [r["event"] for r in records].count("RunStarted") == 1
+    steps = [r for r in records if r["event"] == "StepMetrics"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert all(len(s["gpu_mem_per_device"]) == 2 and min(s["gpu_mem_per_device"]) > 0 for s in steps)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
