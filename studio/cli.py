@@ -11,6 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from studio.core.errors import StudioError
+from studio.core.units import human_bytes
 
 EXIT_USAGE = 2
 
@@ -19,14 +20,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
         sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,10 +253,10 @@ def cmd_count(args: argparse.Namespace) -> int:
         return 0
     print(f"{loaded.display_name}: LoRA r={plan.rank} α={plan.alpha:g} ({plan.variant}) on {counts.modules} modules")
     print(f"  trainable  {counts.trainable:>15,}  ({100 * counts.share:.4f}% of {counts.total:,})")
-    print(f"  adapter    {_human_bytes(counts.adapter_bytes):>15}  on disk")
-    print(f"  GPU memory ~{_human_bytes(est.total)} for batch {args.batch_size} × {args.seq_len} tokens:")
+    print(f"  adapter    {human_bytes(counts.adapter_bytes):>15}  on disk")
+    print(f"  GPU memory ~{human_bytes(est.total)} for batch {args.batch_size} × {args.seq_len} tokens:")
     for label, value in est.parts():
-        print(f"    {label:<32}{_human_bytes(value):>12}")
+        print(f"    {label:<32}{human_bytes(value):>12}")
     return 0
 
 
@@ -405,7 +398,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
                                  args.out_type, on_progress=on_progress)
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
-    print(f"GGUF file written to {report.path} ({report.out_type}, {_human_bytes(report.bytes)}, {report.tensors} "
+    print(f"GGUF file written to {report.path} ({report.out_type}, {human_bytes(report.bytes)}, {report.tensors} "
           f"tensors, {report.seconds:.1f} s); Ollama: cd to its folder and run `ollama create NAME -f Modelfile`")
     if report.verified:
         agreed = round(report.top1_agreement * report.probe_tokens)
