@@ -337,20 +337,22 @@ def _bar_write(bar: list[Any], text: str) -> None:
 def _adapter_folder(path: str) -> str:
     from pathlib import Path
 
+    from studio.core import run_layout
+
     folder = Path(path)
-    return str(folder / "adapter") if (folder / "run.yaml").is_file() else str(folder)
+    return str(folder / run_layout.ADAPTER) if run_layout.is_run_folder(folder) else str(folder)
 
 
 def _base_of(source: str, given: str | None) -> str:
     from pathlib import Path
 
-    from studio.core import runconfig
+    from studio.core import run_layout, runconfig
     from studio.core.adapters.folder import read_adapter_info
 
     if given:
         return given
-    if (Path(source) / "run.yaml").is_file():
-        return runconfig.load(Path(source) / "run.yaml").model.source
+    if run_layout.is_run_folder(source):
+        return runconfig.load(Path(source) / run_layout.RUN_FILE).model.source
     base = read_adapter_info(source).base_model
     if not base:
         raise StudioError(f"{source} does not say which base model it was trained on: pass --base MODEL")

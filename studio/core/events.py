@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.core import run_layout
+
 
 @dataclass(frozen=True)
 class RunStarted:
@@ -122,7 +124,7 @@ class Recorder:
     """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing)."""
 
     def __init__(self, run_dir: Path, on_event: Callable[[Event], None]):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / run_layout.METRICS
         self.on_event = on_event
         self.handle = self.path.open("a")
 
@@ -131,7 +133,7 @@ class Recorder:
             self.handle.write(json.dumps(to_record(event)) + "\n")
             self.handle.flush()
         else:
-            with (self.path.parent / "spectra.jsonl").open("a") as spectra:
+            with (self.path.parent / run_layout.SPECTRA).open("a") as spectra:
                 spectra.write(json.dumps(to_record(event)) + "\n")
         self.on_event(event)
 

@@ -19,10 +19,10 @@ from PySide6.QtCore import QObject, QSettings, Qt, Signal, Slot
 from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox, QProgressDialog, QWidget
 
 from studio.core import events as ev
-from studio.core.adapters.folder import AdapterInfo
+from studio.core.adapters.folder import AdapterInfo, run_adapter
 from studio.core.adapters.merging import MergeProgress, MergeReport
 from studio.core.events import ModuleSpectrum
-from studio.core.train.run_folder import RunSummary, run_adapter
+from studio.core.train.run_folder import RunSummary
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model

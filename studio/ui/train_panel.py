@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import events as ev
+from studio.core import run_layout
 from studio.core.data.dataset import DataSpec
 from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
@@ -243,7 +244,7 @@ class TrainPanel(QWidget):
             self._show_error("Nothing to resume: this run has no checkpoint")
             return
         try:
-            base = self._base_for(load(run_dir / "run.yaml"))
+            base = self._base_for(load(run_dir / run_layout.RUN_FILE))
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
@@ -260,7 +261,7 @@ class TrainPanel(QWidget):
             return
         run_dir = Path(run_dir)
         try:
-            config = load(run_dir / "run.yaml")
+            config = load(run_dir / run_layout.RUN_FILE)
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
