@@ -13,10 +13,11 @@ from safetensors import safe_open
 
 from studio.core.adapters.folder import read_adapter_info
 from studio.core.adapters.loading import load_adapter
-from studio.core.adapters.merging import MergeProgress, merge_and_save
+from studio.core.adapters.merging import merge_and_save
 from studio.core.adapters.saving import save_adapter
 from studio.core.errors import ExportError
 from studio.core.model import inventory, plan
+from studio.core.progress import Progress
 
 PROBE = "Write one sentence about adapters."
 
@@ -86,7 +87,7 @@ def test_float32_merge_opens_with_auto_class_and_leaves_the_adapter_model_as_it_
     loaded, peft_model, _ = adapted
     before = _logits(peft_model, probe)
     peft_model.train()
-    events: list[MergeProgress] = []
+    events: list[Progress] = []
     report = merge_and_save(peft_model, loaded.tokenizer, tmp_path / "merged", dtype="float32",
                             probe_input_ids=probe[0].tolist(), on_progress=events.append)
 
@@ -94,6 +95,7 @@ def test_float32_merge_opens_with_auto_class_and_leaves_the_adapter_model_as_it_
     assert 0 < report.max_logit_diff < 1e-4 and report.saved_logit_diff == report.max_logit_diff
     assert [e.stage for e in events][0] == "merge" and events[-1].stage == "done" and events[-1].fraction == 1.0
     assert all(a.fraction <= b.fraction for a, b in zip(events, events[1:]))
+    assert max(e.fraction for e in events if e.stage == "merge") == pytest.approx(0.7)  # merging is 70% of the bar
     saved = {p.name for p in (tmp_path / "merged").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= saved
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp folder left behind
