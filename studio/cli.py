@@ -436,6 +436,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from studio.core.adapters.loading import load_adapter
+    from studio.core.data.formats import prompt_inputs
     from studio.core.model.loading import open_model, require_weights
 
     if args.max_new_tokens < 1:
@@ -444,11 +445,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     require_weights(loaded, "generate")
     model = load_adapter(loaded, _adapter_folder(args.adapter)) if args.adapter else loaded.model
     tokenizer = loaded.tokenizer
-    if tokenizer.chat_template and not args.raw:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:
-        inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = prompt_inputs(tokenizer, args.prompt, raw=args.raw)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)

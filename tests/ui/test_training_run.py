@@ -19,9 +19,10 @@ from PySide6.QtWidgets import QFileDialog
 
 from studio.core import events as ev
 from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
+from studio.core.data.formats import prompt_inputs
 from studio.core.runconfig import load
 from studio.ui.main_window import MainWindow
-from studio.ui.playground import DEFAULT_PROMPT, prompt_ids
+from studio.ui.playground import DEFAULT_PROMPT
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import Heartbeat, configure_tiny_run, wait_until, write_demo_rows
 
@@ -277,7 +278,7 @@ def test_the_playground_answers_with_and_without_the_adapter_as_peft_does(run, q
     assert answers is not None and answers.prompt == DEFAULT_PROMPT, playground.status_label.text()
 
     tokenizer = fresh_default_model.tokenizer
-    ids = prompt_ids(tokenizer, DEFAULT_PROMPT)
+    ids = prompt_inputs(tokenizer, DEFAULT_PROMPT)["input_ids"]
 
     def greedy(model) -> str:
         with torch.inference_mode():

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from studio.core.adapters.folder import read_adapter_info
 from studio.core.adapters.loading import load_adapter
 from studio.core.adapters.merging import merged_model, quantization_of
-from studio.core.errors import ExportError, first_line
+from studio.core.data.formats import chat_prompt
+from studio.core.errors import DataError, ExportError, first_line
 from studio.core.files import write_failure
 from studio.core.gguf import layout as gguf_layout
 from studio.core.gguf.modelfile import write_modelfile
@@ -253,13 +254,10 @@ def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, A
 
 def _probe(tokenizer: Any) -> tuple[str, list[int]]:
     """A chat-formatted prompt when the model has a chat template (its special tokens get checked too)."""
-    text = PROBE_MESSAGE
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_MESSAGE}], tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - jinja raises its own types for templates that want other roles
-            text = PROBE_MESSAGE
+    try:
+        text = chat_prompt(tokenizer, PROBE_MESSAGE) or PROBE_MESSAGE
+    except DataError:  # a template that wants other roles: the plain message still checks the vocabulary
+        text = PROBE_MESSAGE
     return text, list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
