@@ -293,22 +293,17 @@ def _drive(start: Any) -> int:
     bar: list[Any] = []
 
     def on_event(event: Any) -> None:
-        if isinstance(event, ev.RunStarted):
-            sys.stderr.write(f"run folder: {event.run_dir}\n{event.model} on {event.device}: "
-                             f"{event.counts['trainable']:,} trainable parameters, "
-                             f"{event.train_examples} training / {event.val_examples} validation examples\n")
-            bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True))
-        elif isinstance(event, ev.StepMetrics) and bar:
+        if isinstance(event, ev.StepMetrics) and bar:
             bar[0].set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", tok_s=f"{event.tokens_per_s:.0f}")
             bar[0].update(event.step - bar[0].n)
-        elif isinstance(event, ev.EvalMetrics):
-            score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
-            _bar_write(bar, f"step {event.step}: validation loss {event.val_loss:.4f}{score}")
-        elif isinstance(event, ev.CheckpointSaved):
-            _bar_write(bar, f"checkpoint: {event.path}")
-        elif isinstance(event, ev.LogMessage) and event.level != "info":
-            _bar_write(bar, f"{event.level}: {event.text}")
+        elif isinstance(event, ev.LogMessage):
+            if event.level != "info":
+                _bar_write(bar, f"{event.level}: {ev.describe(event)}")
+        elif not isinstance(event, (ev.Finished, ev.Failed)) and (text := ev.describe(event)) is not None:
+            _bar_write(bar, text)  # the run's end is the result, said below
+        if isinstance(event, ev.RunStarted):
+            bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True))
 
     previous = signal.signal(signal.SIGINT, lambda *_: control.request_stop())
     try:
@@ -318,12 +313,9 @@ def _drive(start: Any) -> int:
         if bar:
             bar[0].close()
     if isinstance(result, ev.Failed):
-        where = f" (last checkpoint: {result.checkpoint})" if result.checkpoint else ""
-        sys.stderr.write(f"lora-studio: {result.message}{where}\n")
+        sys.stderr.write(f"lora-studio: {ev.describe(result)}\n")
         return EXIT_USAGE
-    state = "stopped" if result.stopped_early else "finished"
-    score = f", score {result.final_score:.3f}" if result.final_score is not None else ""
-    print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{score}; adapter in {result.adapter_dir}")
+    print(ev.describe(result))
     return 0
 
 

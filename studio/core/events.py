@@ -113,6 +113,37 @@ Event = (
 )
 
 
+def describe(event: Event) -> str | None:
+    """The event in words, one line, as the CLI and the window's log both say it. None for the events shown
+    otherwise: each step's metrics move a progress bar and the plots, spectra fill their own panel."""
+    if isinstance(event, RunStarted):
+        steps = (f"from step {event.start_step} to {event.total_steps}" if event.start_step
+                 else f"{event.total_steps} steps")
+        return (f"Run folder {event.run_dir}: {event.model} on {event.device}, "
+                f"{event.counts.get('trainable', 0):,} trainable parameters, {event.train_examples} training / "
+                f"{event.val_examples} validation examples, {steps}")
+    if isinstance(event, EvalMetrics):
+        score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
+        return f"Step {event.step}: validation loss {event.val_loss:.4f}{score}"
+    if isinstance(event, CheckpointSaved):
+        return f"Checkpoint at step {event.step}: {event.path}"
+    if isinstance(event, Paused):
+        return f"Paused at step {event.step} (checkpoint {event.checkpoint})"
+    if isinstance(event, Resumed):
+        return f"Resumed at step {event.step}"
+    if isinstance(event, LogMessage):
+        return event.text
+    if isinstance(event, Finished):
+        loss = f", last loss {event.final_loss:.4f}" if event.final_loss is not None else ""
+        score = f", score {event.final_score:.3f}" if event.final_score is not None else ""
+        return (f"{'Stopped' if event.stopped_early else 'Finished'} at step {event.step}{loss}{score}; "
+                f"adapter saved to {event.adapter_dir}")
+    if isinstance(event, Failed):
+        where = f" (last checkpoint: {event.checkpoint})" if event.checkpoint else ""
+        return f"Failed at step {event.step}: {event.message}{where}"
+    return None
+
+
 def to_record(event: Event) -> dict[str, Any]:
     """A JSON-ready dict with the event's type name, as written to metrics.jsonl."""
     record = {"event": type(event).__name__}

@@ -54,6 +54,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _log_level(event: object) -> str:
+    """The colour of an event's line in the log: a message's own level, failures as errors, checkpoints plain and
+    the run's milestones (start, evaluations, pause, end) as events."""
+    if isinstance(event, ev.LogMessage):
+        return event.level
+    if isinstance(event, ev.Failed):
+        return "error"
+    return "info" if isinstance(event, ev.CheckpointSaved) else "event"
+
+
 class TrainPanel(QWidget):
     sig_run_finished = Signal(object)  # Finished or Failed, after the panel has shown it
 
@@ -309,6 +319,9 @@ class TrainPanel(QWidget):
 
     @Slot(object)
     def _on_session_event(self, event: object) -> None:
+        text = ev.describe(event)  # type: ignore[arg-type]
+        if text is not None:
+            self._log(text, _log_level(event))
         if isinstance(event, ev.StepMetrics):
             self.plots.add_step(event)
             self.progress.setRange(0, event.total_steps)
@@ -318,28 +331,13 @@ class TrainPanel(QWidget):
                                         f"seen, epoch {event.epoch:.2f}")
         elif isinstance(event, ev.EvalMetrics):
             self.plots.add_eval(event)
-            score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
-            self._log(f"Step {event.step}: validation loss {event.val_loss:.4f}{score}", "event")
         elif isinstance(event, ev.RunStarted):
             if event.start_step:
                 self.plots.truncate_after(event.start_step)
             self.plots.set_step_range(event.total_steps)
             self.progress.setRange(0, event.total_steps)
             self.progress.setValue(event.start_step)
-            self._log(f"Run folder {event.run_dir}: {event.model} on {event.device}, {event.train_examples} "
-                      f"training / {event.val_examples} validation examples, {event.total_steps} steps", "event")
-        elif isinstance(event, ev.CheckpointSaved):
-            self._log(f"Checkpoint at step {event.step}: {event.path}")
-        elif isinstance(event, ev.Paused):
-            self._log(f"Paused at step {event.step} (checkpoint {event.checkpoint})", "event")
-        elif isinstance(event, ev.Resumed):
-            self._log(f"Resumed at step {event.step}", "event")
-        elif isinstance(event, ev.LogMessage):
-            self._log(event.text, event.level)
         elif isinstance(event, ev.Finished):
-            how = "Stopped" if event.stopped_early else "Finished"
-            loss = f", last loss {event.final_loss:.4f}" if event.final_loss is not None else ""
-            self._log(f"{how} at step {event.step}{loss}; adapter saved to {event.adapter_dir}", "event")
             self.sig_run_finished.emit(event)
         elif isinstance(event, ev.Failed):
             self._on_failed(event)
@@ -347,7 +345,6 @@ class TrainPanel(QWidget):
     def _on_failed(self, failed: ev.Failed) -> None:
         where = (f"\n\nThe last checkpoint is {failed.checkpoint}: Resume continues from there."
                  if failed.checkpoint else "\n\nNo checkpoint was saved before this point.")
-        self._log(f"Failed at step {failed.step}: {failed.message}", "error")
         self.failure_dialog = QMessageBox(QMessageBox.Warning, "Training stopped", failed.message + where,
                                           parent=self)
         self.failure_dialog.open()  # window-modal without blocking the event loop

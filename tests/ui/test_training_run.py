@@ -82,6 +82,10 @@ def test_the_run_started_from_the_window_finishes_and_the_buttons_go_back_to_idl
     assert (Path(finished.adapter_dir) / "adapter_config.json").is_file()
     assert "Finished at step 4" in panel.log_view.toPlainText()
     assert f"Checkpoint at step 2: {finished.run_dir}/checkpoints/step-2" in panel.log_view.toPlainText()
+    # the log says each event in the core's words, the same the CLI prints (tests/cli/test_cli_training.py)
+    said = [ev.describe(e) for e in run.events if not isinstance(e, (ev.StepMetrics, ev.SpectrumSnapshot))]
+    assert said and all(text in panel.log_view.toPlainText() for text in said)
+    assert ev.describe(run.of(ev.RunStarted)[0]).startswith(f"Run folder {finished.run_dir}: ")
 
 
 def test_every_step_adds_one_loss_point_and_every_evaluation_one_validation_point(run):
