@@ -11,6 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from studio.core.errors import StudioError
+from studio.core.runconfig import ModelConfig, TrainingConfig, field_help
 from studio.core.units import human_bytes
 
 EXIT_USAGE = 2
@@ -32,14 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    model_help = "`default` (built-in SmolLM2-135M-Instruct), a model folder, a .gguf file, a config.json or a hub id"
+    model_help = _field_help(ModelConfig, "source")
     gui = sub.add_parser("gui", help="open the studio window (the default without a command)")
     gui.add_argument("model", nargs="?", default="default", help=model_help)
 
     inspect = sub.add_parser("inspect", help="show a model's module tree, grouped, with parameter counts")
     inspect.add_argument("model", help=model_help)
-    inspect.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
-    inspect.add_argument("--num-labels", type=int, default=2)
+    inspect.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm",
+                         help=_field_help(ModelConfig, "task"))
+    inspect.add_argument("--num-labels", type=int, default=2, help=_field_help(ModelConfig, "num_labels"))
     inspect.add_argument("--all", action="store_true", help="list every module instead of grouping blocks")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -55,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
     train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
     train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
-    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    train.add_argument("--max-steps", type=int,
+                       help=f"override training.max_steps: {_field_help(TrainingConfig, 'max_steps')}")
 
     res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     res.add_argument("run_dir", help="a run folder holding run.yaml and checkpoints/")
-    res.add_argument("--max-steps", type=int, help="a new step budget (default: the run's own)")
+    res.add_argument("--max-steps", type=int, help="a new training.max_steps (default: the run's own): "
+                     f"{_field_help(TrainingConfig, 'max_steps')}")
 
     export = sub.add_parser("export", help="copy a run's adapter (PEFT format) to a folder")
     export.add_argument("run_dir", help="a run folder")
@@ -98,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _field_help(cls: type, name: str) -> str:
+    """A run-file field's own help, made safe for argparse's %-formatting."""
+    return field_help(cls, name).replace("%", "%%")
+
+
 class _PeftHelp:
     """The first sentence of a LoraConfig field's own help, read from PEFT only when argparse prints it: importing
     PEFT takes seconds, which every command (the window's launch included) would otherwise pay."""
@@ -121,23 +130,23 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     def peft_help(field: str) -> Any:
         return _PeftHelp(field)
 
-    parser.add_argument(
-        "--targets", required=True,
-        help="a preset (attention, mlp, all-linear, peft-default) or comma-separated module names, leaf names "
-        "(q_proj), globs (model.layers.1*.mlp.*) or re:REGEX",
-    )
+    from studio.core.model.plan import LoraPlan
+
+    parser.add_argument("--targets", required=True, help=_field_help(LoraPlan, "targets"))
     parser.add_argument("--rank", "-r", type=int, default=8, help=peft_help("r"))
     parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 × rank)")
     parser.add_argument("--dropout", type=float, default=0.05, help=peft_help("lora_dropout"))
-    parser.add_argument("--variant", choices=["lora", "rslora", "dora"], default="lora")
+    parser.add_argument("--variant", choices=["lora", "rslora", "dora"], default="lora",
+                        help=_field_help(LoraPlan, "variant"))
     parser.add_argument("--bias", choices=["none", "all", "lora_only"], default="none", help=peft_help("bias"))
     parser.add_argument(
         "--rank-override", action="append", default=[], metavar="MODULE=R",
         help="per-module rank, e.g. model.layers.0.self_attn.q_proj=32 (repeatable)",
     )
     parser.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full")
-    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
-    parser.add_argument("--num-labels", type=int, default=2, help="classes for --task seq-cls")
+    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm",
+                        help=_field_help(ModelConfig, "task"))
+    parser.add_argument("--num-labels", type=int, default=2, help=_field_help(ModelConfig, "num_labels"))
 
 
 def _open_for_planning(spec: str, task: str, num_labels: int) -> Any:
@@ -449,14 +458,14 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from studio.core import runconfig
-    from studio.core.data.dataset import demo_spec
+    from studio.core.data.dataset import DataSpec, demo_spec
     from studio.core.files import write_atomic
+    from studio.core.model.plan import LoraPlan
 
     path = Path(args.path)
     if path.exists() and not args.force:
         raise StudioError(f"{path} exists: pass --force to overwrite it")
-    demo = demo_spec()
-    write_atomic(path, runconfig.EXAMPLE.format(train=demo.train_path, val=demo.val_path))
+    write_atomic(path, runconfig.example(demo_spec().to_dict(), data_fields=DataSpec, plan_fields=LoraPlan))
     print(f"wrote {path}: run it with `lora-studio train {path}`")
     return 0
 

@@ -31,14 +31,17 @@ ADAPTER_DTYPE = "float32"  # PEFT keeps adapter weights in float32 (autocast_ada
 class LoraPlan:
     """What to adapt and how. Module names are full names from the module tree."""
 
-    targets: tuple[str, ...]
+    targets: tuple[str, ...] = field(metadata={"help": (
+        "The modules to adapt: a preset (attention, mlp, all-linear, peft-default) or comma-separated module names, "
+        "leaf names (q_proj), globs (model.layers.1*.mlp.*) or re:REGEX; a plan holds the full names they select")})
     rank: int = 8
     alpha: float = 16.0
     rank_overrides: Mapping[str, int] = field(default_factory=dict)
     alpha_overrides: Mapping[str, float] = field(default_factory=dict)
     dropout: float = 0.05
     bias: BiasMode = "none"
-    variant: Variant = "lora"
+    variant: Variant = field(default="lora", metadata={"help": (
+        "lora, rslora (alpha/√r scaling) or dora (weight-decomposed: a magnitude and a direction)")})
     init: InitMethod = "default"
     modules_to_save: tuple[str, ...] = ()
 
