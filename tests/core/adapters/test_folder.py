@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from studio.core.adapters.folder import plan_of_adapter, read_adapter_info, run_adapter
 from studio.core.adapters.saving import export_run_adapter
 from studio.core.model import inventory
+from tests.core.adapters.lora_models import tiny_adapter
 
 
 @pytest.mark.parametrize("safe_serialization", [True, False])
@@ -49,3 +50,10 @@ def test_a_run_adapter_is_the_final_one_else_the_newest_checkpoints_and_odd_fold
 
     model.save_pretrained(run / "adapter")
     assert run_adapter(run) == run / "adapter"
+
+
+def test_read_adapter_info_names_the_variant(tiny_llama, tmp_path):
+    out = tiny_adapter(tiny_llama, tmp_path / "dora", r=2, lora_alpha=4, target_modules=["o_proj"], use_dora=True)
+    info = read_adapter_info(out)
+    assert (info.variant, info.r, info.alpha, info.targets, info.modules) == ("dora", 2, 4.0, ("o_proj",), 3)
+
