@@ -11,6 +11,8 @@ import sys
 from typing import Any, Sequence
 
 from studio.core.errors import StudioError
+from studio.core.runconfig import ModelConfig, TrainingConfig, field_help
+from studio.core.units import human_bytes
 
 EXIT_USAGE = 2
 
@@ -19,14 +21,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
         sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    model_help = "`default` (built-in SmolLM2-135M-Instruct), a model folder, a .gguf file, a config.json or a hub id"
+    model_help = _field_help(ModelConfig, "source")
     gui = sub.add_parser("gui", help="open the studio window (the default without a command)")
     gui.add_argument("model", nargs="?", default="default", help=model_help)
 
     inspect = sub.add_parser("inspect", help="show a model's module tree, grouped, with parameter counts")
     inspect.add_argument("model", help=model_help)
-    inspect.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
-    inspect.add_argument("--num-labels", type=int, default=2)
+    inspect.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm",
+                         help=_field_help(ModelConfig, "task"))
+    inspect.add_argument("--num-labels", type=int, default=2, help=_field_help(ModelConfig, "num_labels"))
     inspect.add_argument("--all", action="store_true", help="list every module instead of grouping blocks")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -62,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
     train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
     train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
-    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    train.add_argument("--max-steps", type=int,
+                       help=f"override training.max_steps: {_field_help(TrainingConfig, 'max_steps')}")
     _add_launch_arguments(train)
 
     res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     res.add_argument("run_dir", help="a run folder holding run.yaml and checkpoints/")
-    res.add_argument("--max-steps", type=int, help="a new step budget (default: the run's own)")
+    res.add_argument("--max-steps", type=int, help="a new training.max_steps (default: the run's own): "
+                     f"{_field_help(TrainingConfig, 'max_steps')}")
     _add_launch_arguments(res)
 
     export = sub.add_parser("export", help="copy a run's adapter (PEFT format) to a folder")
@@ -107,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _field_help(cls: type, name: str) -> str:
+    """A run-file field's own help, made safe for argparse's %-formatting."""
+    return field_help(cls, name).replace("%", "%%")
+
+
 class _PeftHelp:
     """The first sentence of a LoraConfig field's own help, read from PEFT only when argparse prints it: importing
     PEFT takes seconds, which every command (the window's launch included) would otherwise pay."""
@@ -130,23 +132,23 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     def peft_help(field: str) -> Any:
         return _PeftHelp(field)
 
-    parser.add_argument(
-        "--targets", required=True,
-        help="a preset (attention, mlp, all-linear, peft-default) or comma-separated module names, leaf names "
-        "(q_proj), globs (model.layers.1*.mlp.*) or re:REGEX",
-    )
+    from studio.core.model.plan import LoraPlan
+
+    parser.add_argument("--targets", required=True, help=_field_help(LoraPlan, "targets"))
     parser.add_argument("--rank", "-r", type=int, default=8, help=peft_help("r"))
     parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 × rank)")
     parser.add_argument("--dropout", type=float, default=0.05, help=peft_help("lora_dropout"))
-    parser.add_argument("--variant", choices=["lora", "rslora", "dora"], default="lora")
+    parser.add_argument("--variant", choices=["lora", "rslora", "dora"], default="lora",
+                        help=_field_help(LoraPlan, "variant"))
     parser.add_argument("--bias", choices=["none", "all", "lora_only"], default="none", help=peft_help("bias"))
     parser.add_argument(
         "--rank-override", action="append", default=[], metavar="MODULE=R",
         help="per-module rank, e.g. model.layers.0.self_attn.q_proj=32 (repeatable)",
     )
     parser.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full")
-    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
-    parser.add_argument("--num-labels", type=int, default=2, help="classes for --task seq-cls")
+    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm",
+                        help=_field_help(ModelConfig, "task"))
+    parser.add_argument("--num-labels", type=int, default=2, help=_field_help(ModelConfig, "num_labels"))
 
 
 def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,10 +276,10 @@ def cmd_count(args: argparse.Namespace) -> int:
         return 0
     print(f"{loaded.display_name}: LoRA r={plan.rank} α={plan.alpha:g} ({plan.variant}) on {counts.modules} modules")
     print(f"  trainable  {counts.trainable:>15,}  ({100 * counts.share:.4f}% of {counts.total:,})")
-    print(f"  adapter    {_human_bytes(counts.adapter_bytes):>15}  on disk")
-    print(f"  GPU memory ~{_human_bytes(est.total)} for batch {args.batch_size} × {args.seq_len} tokens:")
+    print(f"  adapter    {human_bytes(counts.adapter_bytes):>15}  on disk")
+    print(f"  GPU memory ~{human_bytes(est.total)} for batch {args.batch_size} × {args.seq_len} tokens:")
     for label, value in est.parts():
-        print(f"    {label:<32}{_human_bytes(value):>12}")
+        print(f"    {label:<32}{human_bytes(value):>12}")
     return 0
 
 
@@ -307,9 +309,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from studio.core.train.engine import resume
 
     if _launches(args):
-        from studio.core import runconfig
+        from studio.core import run_layout, runconfig
 
-        device = runconfig.load(Path(args.run_dir) / "run.yaml").model.device
+        device = runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE).model.device
         steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
         return _launch(args, ["resume", str(args.run_dir), *steps], Path(args.run_dir), device)
     return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
@@ -355,23 +357,17 @@ def _drive(start: Any) -> int:
 
     def on_event(event: Any) -> None:
         mirror(event)
-        if isinstance(event, ev.RunStarted):
-            processes = f" × {event.processes} processes" if event.processes > 1 else ""
-            sys.stderr.write(f"run folder: {event.run_dir}\n{event.model} on {event.device}{processes}: "
-                             f"{event.counts['trainable']:,} trainable parameters, "
-                             f"{event.train_examples} training / {event.val_examples} validation examples\n")
-            bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True))
-        elif isinstance(event, ev.StepMetrics) and bar:
+        if isinstance(event, ev.StepMetrics) and bar:
             bar[0].set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", tok_s=f"{event.tokens_per_s:.0f}")
             bar[0].update(event.step - bar[0].n)
-        elif isinstance(event, ev.EvalMetrics):
-            score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
-            _bar_write(bar, f"step {event.step}: validation loss {event.val_loss:.4f}{score}")
-        elif isinstance(event, ev.CheckpointSaved):
-            _bar_write(bar, f"checkpoint: {event.path}")
-        elif isinstance(event, ev.LogMessage) and event.level != "info":
-            _bar_write(bar, f"{event.level}: {event.text}")
+        elif isinstance(event, ev.LogMessage):
+            if event.level != "info":
+                _bar_write(bar, f"{event.level}: {ev.describe(event)}")
+        elif not isinstance(event, (ev.Finished, ev.Failed)) and (text := ev.describe(event)) is not None:
+            _bar_write(bar, text)  # the run's end is the result, said below
+        if isinstance(event, ev.RunStarted):
+            bar.append(tqdm(total=event.total_steps, initial=event.start_step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True))
 
     previous = signal.signal(signal.SIGINT, lambda *_: control.request_stop())
     try:
@@ -381,12 +377,9 @@ def _drive(start: Any) -> int:
         if bar:
             bar[0].close()
     if isinstance(result, ev.Failed):
-        where = f" (last checkpoint: {result.checkpoint})" if result.checkpoint else ""
-        sys.stderr.write(f"lora-studio: {result.message}{where}\n")
+        sys.stderr.write(f"lora-studio: {ev.describe(result)}\n")
         return EXIT_USAGE
-    state = "stopped" if result.stopped_early else "finished"
-    score = f", score {result.final_score:.3f}" if result.final_score is not None else ""
-    print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{score}; adapter in {result.adapter_dir}")
+    print(ev.describe(result))
     return 0
 
 
@@ -409,20 +402,22 @@ def _bar_write(bar: list[Any], text: str) -> None:
 def _adapter_folder(path: str) -> str:
     from pathlib import Path
 
+    from studio.core import run_layout
+
     folder = Path(path)
-    return str(folder / "adapter") if (folder / "run.yaml").is_file() else str(folder)
+    return str(folder / run_layout.ADAPTER) if run_layout.is_run_folder(folder) else str(folder)
 
 
 def _base_of(source: str, given: str | None) -> str:
     from pathlib import Path
 
-    from studio.core import runconfig
+    from studio.core import run_layout, runconfig
     from studio.core.adapters.folder import read_adapter_info
 
     if given:
         return given
-    if (Path(source) / "run.yaml").is_file():
-        return runconfig.load(Path(source) / "run.yaml").model.source
+    if run_layout.is_run_folder(source):
+        return runconfig.load(Path(source) / run_layout.RUN_FILE).model.source
     base = read_adapter_info(source).base_model
     if not base:
         raise StudioError(f"{source} does not say which base model it was trained on: pass --base MODEL")
@@ -470,7 +465,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
                                  args.out_type, on_progress=on_progress)
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
-    print(f"GGUF file written to {report.path} ({report.out_type}, {_human_bytes(report.bytes)}, {report.tensors} "
+    print(f"GGUF file written to {report.path} ({report.out_type}, {human_bytes(report.bytes)}, {report.tensors} "
           f"tensors, {report.seconds:.1f} s); Ollama: cd to its folder and run `ollama create NAME -f Modelfile`")
     if report.verified:
         agreed = round(report.top1_agreement * report.probe_tokens)
@@ -506,6 +501,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from studio.core.adapters.loading import load_adapter
+    from studio.core.data.formats import prompt_inputs
     from studio.core.model.loading import open_model, require_weights
 
     if args.max_new_tokens < 1:
@@ -514,11 +510,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     require_weights(loaded, "generate")
     model = load_adapter(loaded, _adapter_folder(args.adapter)) if args.adapter else loaded.model
     tokenizer = loaded.tokenizer
-    if tokenizer.chat_template and not args.raw:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:
-        inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = prompt_inputs(tokenizer, args.prompt, raw=args.raw)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -530,14 +522,14 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from studio.core import runconfig
-    from studio.core.data.dataset import demo_spec
+    from studio.core.data.dataset import DataSpec, demo_spec
     from studio.core.files import write_atomic
+    from studio.core.model.plan import LoraPlan
 
     path = Path(args.path)
     if path.exists() and not args.force:
         raise StudioError(f"{path} exists: pass --force to overwrite it")
-    demo = demo_spec()
-    write_atomic(path, runconfig.EXAMPLE.format(train=demo.train_path, val=demo.val_path))
+    write_atomic(path, runconfig.example(demo_spec().to_dict(), data_fields=DataSpec, plan_fields=LoraPlan))
     print(f"wrote {path}: run it with `lora-studio train {path}`")
     return 0
 

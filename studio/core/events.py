@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.core import run_layout
+
 
 @dataclass(frozen=True)
 class RunStarted:
@@ -113,6 +115,38 @@ Event = (
 )
 
 
+def describe(event: Event) -> str | None:
+    """The event in words, one line, as the CLI and the window's log both say it. None for the events shown
+    otherwise: each step's metrics move a progress bar and the plots, spectra fill their own panel."""
+    if isinstance(event, RunStarted):
+        steps = (f"from step {event.start_step} to {event.total_steps}" if event.start_step
+                 else f"{event.total_steps} steps")
+        processes = f" × {event.processes} processes" if event.processes > 1 else ""
+        return (f"Run folder {event.run_dir}: {event.model} on {event.device}{processes}, "
+                f"{event.counts.get('trainable', 0):,} trainable parameters, {event.train_examples} training / "
+                f"{event.val_examples} validation examples, {steps}")
+    if isinstance(event, EvalMetrics):
+        score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
+        return f"Step {event.step}: validation loss {event.val_loss:.4f}{score}"
+    if isinstance(event, CheckpointSaved):
+        return f"Checkpoint at step {event.step}: {event.path}"
+    if isinstance(event, Paused):
+        return f"Paused at step {event.step} (checkpoint {event.checkpoint})"
+    if isinstance(event, Resumed):
+        return f"Resumed at step {event.step}"
+    if isinstance(event, LogMessage):
+        return event.text
+    if isinstance(event, Finished):
+        loss = f", last loss {event.final_loss:.4f}" if event.final_loss is not None else ""
+        score = f", score {event.final_score:.3f}" if event.final_score is not None else ""
+        return (f"{'Stopped' if event.stopped_early else 'Finished'} at step {event.step}{loss}{score}; "
+                f"adapter saved to {event.adapter_dir}")
+    if isinstance(event, Failed):
+        where = f" (last checkpoint: {event.checkpoint})" if event.checkpoint else ""
+        return f"Failed at step {event.step}: {event.message}{where}"
+    return None
+
+
 def to_record(event: Event) -> dict[str, Any]:
     """A JSON-ready dict with the event's type name, as written to metrics.jsonl."""
     record = {"event": type(event).__name__}
@@ -125,7 +159,7 @@ class Recorder:
     `write=False` (the processes of a multi-process run other than the main one) writes nothing."""
 
     def __init__(self, run_dir: Path, on_event: Callable[[Event], None], *, write: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / run_layout.METRICS
         self.on_event = on_event
         self.handle = self.path.open("a") if write else None
 
@@ -136,7 +170,7 @@ class Recorder:
             self.handle.write(json.dumps(to_record(event)) + "\n")
             self.handle.flush()
         else:
-            with (self.path.parent / "spectra.jsonl").open("a") as spectra:
+            with (self.path.parent / run_layout.SPECTRA).open("a") as spectra:
                 spectra.write(json.dumps(to_record(event)) + "\n")
         self.on_event(event)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,50 +13,78 @@ from studio.core.errors import RunConfigError
 from studio.core.files import write_atomic
 
 
+def _help(text: str) -> dict[str, str]:
+    """A field's help, PEFT's way (`metadata={"help": ...}`): the CLI help, the window's tooltips and the commented
+    example run file are all made from it."""
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = "default"
-    task: str = "causal-lm"
-    num_labels: int = 2
-    dtype: str | None = None  # float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # auto: the first CUDA GPU when there is one
-    quantization: str | None = None  # 4bit / 8bit (QLoRA), CUDA only
-    trust_remote_code: bool = False
-    adapter: str | None = None  # an existing PEFT adapter to continue training (its targets and ranks win)
+    source: str = field(default="default", metadata=_help(
+        "default (the built-in SmolLM2-135M-Instruct), a model folder, a .gguf file, a config.json (plan mode, no "
+        "weights) or a hub id"))
+    task: str = field(default="causal-lm", metadata=_help(
+        "causal-lm (next-token prediction) or seq-cls (sequence classification: set num_labels)"))
+    num_labels: int = field(default=2, metadata=_help("Classes for seq-cls"))
+    dtype: str | None = field(default=None, metadata=_help(
+        "The weights' precision (float32, bfloat16, float16); null: float32 on the CPU, bfloat16 on CUDA"))
+    device: str = field(default="auto", metadata=_help(
+        "auto picks the first CUDA GPU, else the CPU; or name one (cpu, cuda, cuda:1)"))
+    quantization: str | None = field(default=None, metadata=_help(
+        "4bit or 8bit base weights for QLoRA (CUDA with bitsandbytes); null: none"))
+    trust_remote_code: bool = field(default=False, metadata=_help(
+        "Run the model's own Python code from its repository (only for models you trust)"))
+    adapter: str | None = field(default=None, metadata=_help(
+        "A PEFT adapter folder to keep training (its targets and ranks win over the plan)"))
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    learning_rate: float = 2e-4
-    max_steps: int = 100  # optimizer steps; epochs are derived from it
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # cosine / linear / constant
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"  # adamw / adamw-8bit (CUDA)
-    precision: str = "auto"  # auto / no / bf16 / fp16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    eval_every: int = 25  # steps; 0 turns evaluation off until the end
-    eval_examples: int = 64  # validation examples scored by generation (exact match) per evaluation
-    save_every: int = 50  # steps between checkpoints; 0 keeps only the final adapter
-    spectrum_every: int = 10  # steps between spectrum snapshots; 0 turns them off
-    keep_checkpoints: int = 2  # older checkpoints are removed, the newest kept
-    # the fast path (same math): true / false / auto
-    fused_loss: bool | str = "auto"  # chunked cross-entropy without the full logits; auto: on a CUDA GPU
-    compile_layers: bool | str = "auto"  # torch.compile each decoder layer (CUDA); auto: once a run is long enough
+    learning_rate: float = field(default=2e-4, metadata=_help(
+        "AdamW's learning rate; LoRA usually wants 1e-4 to 2e-3"))
+    max_steps: int = field(default=100, metadata=_help("Optimizer steps; epochs follow from the data size and batch"))
+    batch_size: int = field(default=8, metadata=_help("Examples per micro-batch"))
+    gradient_accumulation: int = field(default=1, metadata=_help("Micro-batches per optimizer step"))
+    warmup_ratio: float = field(default=0.05, metadata=_help(
+        "Share of the steps over which the learning rate ramps up from zero"))
+    schedule: str = field(default="cosine", metadata=_help(
+        "The learning rate after warmup: cosine, linear or constant"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW's weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradients are clipped to this norm; 0 turns clipping off"))
+    optimizer: str = field(default="adamw", metadata=_help("adamw, or adamw-8bit (bitsandbytes, CUDA)"))
+    precision: str = field(default="auto", metadata=_help("Mixed precision: auto, no, bf16 or fp16"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute activations in the backward pass instead of keeping them: less memory, slower steps"))
+    seed: int = field(default=0, metadata=_help("Seeds the data order, dropout and the adapter's initialisation"))
+    eval_every: int = field(default=25, metadata=_help(
+        "Steps between validation runs (the run always ends with one); 0: at the end only"))
+    eval_examples: int = field(default=64, metadata=_help(
+        "Validation examples scored by generation (exact match or accuracy) per evaluation; 0 reports the "
+        "validation loss only"))
+    save_every: int = field(default=50, metadata=_help(
+        "Steps between checkpoints (Pause and Stop save one too); 0 keeps only the final adapter"))
+    spectrum_every: int = field(default=10, metadata=_help(
+        "Steps between singular-value snapshots of the adapter; 0 turns them off"))
+    keep_checkpoints: int = field(default=2, metadata=_help(
+        "Checkpoints kept, the newest; older ones are removed (0 keeps them all)"))
+    fused_loss: bool | str = field(default="auto", metadata=_help(
+        "Chunked cross-entropy without the full logits (the same math, less memory): true, false or auto (on a "
+        "CUDA GPU)"))
+    compile_layers: bool | str = field(default="auto", metadata=_help(
+        "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    plan: dict[str, Any] = field(default_factory=dict)  # LoraPlan fields; `targets` may be a preset or spec
-    data: dict[str, Any] = field(default_factory=dict)  # DataSpec fields
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    output_dir: str = "runs"
-    run_name: str | None = None  # default: a timestamp and the model's name
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("The base model"))
+    plan: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "What to adapt and how (LoraPlan's fields); targets may be a preset or a module spec"))
+    data: dict[str, Any] = field(default_factory=dict, metadata=_help("What to train on (DataSpec's fields)"))
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata=_help("The hyperparameters"))
+    output_dir: str = field(default="runs", metadata=_help("The folder that holds the run folders"))
+    run_name: str | None = field(default=None, metadata=_help(
+        "The run folder's name; null: a timestamp and the model's name"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,31 +203,69 @@ def save(config: RunConfig, path: str | Path) -> None:
     write_atomic(path, dump(config))
 
 
-EXAMPLE = """\
-# A LoRA Studio run: `lora-studio train run.yaml`. Paths are relative to this file.
-model:
-  source: default            # default (SmolLM2-135M-Instruct), a folder, a .gguf, or a hub id
-  task: causal-lm            # causal-lm or seq-cls (then set num_labels)
-  device: auto               # auto picks the first CUDA GPU, else the CPU
-  quantization: null         # 4bit for QLoRA (CUDA + bitsandbytes)
-  adapter: null              # a PEFT adapter folder to keep training (then its targets and ranks are used)
-plan:
-  targets: all-linear        # a preset (attention, mlp, all-linear, peft-default) or q_proj,v_proj ...
-  rank: 8
-  alpha: 16
-  dropout: 0.05
-  variant: lora              # lora, rslora or dora
-data:
-  train_path: {train}
-  val_path: {val}
-  format: instruction        # auto, text, instruction, chat or classification
-  max_length: 128
-training:
-  learning_rate: 0.002
-  max_steps: 60
-  batch_size: 8
-  eval_every: 20
-  save_every: 20
-  spectrum_every: 10
-output_dir: runs
-"""
+# The built-in demo (dates to ISO 8601 on the default model): a run that shows a curve within minutes on a CPU.
+DEMO_TRAINING = TrainingConfig(max_steps=60, batch_size=8, eval_every=20, eval_examples=16, save_every=20,
+                               spectrum_every=5, learning_rate=2e-3)
+DEMO_PLAN: dict[str, Any] = {"targets": "all-linear", "rank": 8, "alpha": 16.0, "dropout": 0.05, "variant": "lora"}
+EXAMPLE_HEADER = "A LoRA Studio run: `lora-studio train run.yaml`. Paths are relative to this file."
+COMMENT_WIDTH = 116
+
+
+def field_help(cls: type, name: str) -> str:
+    """A run-file field's help (its metadata["help"]); "" for a field that carries none."""
+    return str(cls.__dataclass_fields__[name].metadata.get("help", ""))
+
+
+def example(data: Mapping[str, Any], *, data_fields: type | None = None, plan_fields: type | None = None) -> str:
+    """The commented run file `init-run` writes: every field under its help, at the demo's value or its default.
+
+    Model and training fields come from ModelConfig and DEMO_TRAINING, the plan from DEMO_PLAN, the data from
+    `data`. `plan_fields` and `data_fields` (LoraPlan, DataSpec: they live above this module) add their other
+    fields at their defaults, and their help where they carry it; a field without help is written bare. The
+    result is valid YAML that `lora-studio train` runs."""
+    sections = [
+        ("model", _values(ModelConfig, {}), ModelConfig),
+        ("plan", _values(plan_fields, DEMO_PLAN), plan_fields),
+        ("data", _values(data_fields, data), data_fields),
+        ("training", dataclasses.asdict(DEMO_TRAINING), TrainingConfig),
+    ]
+    lines = _comment(EXAMPLE_HEADER, "")
+    for name, values, cls in sections:
+        lines += ["", *_comment(field_help(RunConfig, name), ""), f"{name}:"]
+        for key, value in values.items():
+            lines += _comment(field_help(cls, key) if cls else "", "  ") + _yaml_lines(key, value, "  ")
+    for name in ("output_dir", "run_name"):
+        lines += ["", *_comment(field_help(RunConfig, name), ""), *_yaml_lines(name, getattr(RunConfig(), name), "")]
+    return "\n".join(lines) + "\n"
+
+
+def _values(cls: type | None, chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """`chosen` over the defaults of `cls`'s fields, in field order (fields without a default and not chosen are
+    left out); just `chosen` without a class."""
+    if cls is None:
+        return dict(chosen)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in chosen:
+            values[f.name] = chosen[f.name]
+        elif f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return values
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(text, COMMENT_WIDTH - len(indent), initial_indent=f"{indent}# ",
+                         subsequent_indent=f"{indent}# ") if text else []
+
+
+def _yaml_lines(key: str, value: Any, indent: str) -> list[str]:
+    import yaml
+
+    if isinstance(value, tuple):
+        value = list(value)
+    elif isinstance(value, Mapping):
+        value = dict(value)
+    text = yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False, width=COMMENT_WIDTH)
+    return [indent + line for line in text.splitlines()]

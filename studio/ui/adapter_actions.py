@@ -11,7 +11,7 @@ new folder inside it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,13 +19,13 @@ from PySide6.QtCore import QObject, QSettings, Qt, Signal, Slot
 from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox, QProgressDialog, QWidget
 
 from studio.core import events as ev
-from studio.core.adapters.folder import AdapterInfo
-from studio.core.adapters.merging import MergeProgress, MergeReport
+from studio.core.adapters.folder import AdapterInfo, run_adapter
+from studio.core.adapters.merging import MergeReport
 from studio.core.events import ModuleSpectrum
-from studio.core.train.run_folder import RunSummary, run_adapter
+from studio.core.progress import Progress, scaled
+from studio.core.train.run_folder import RunSummary
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
-OPEN_SHARE = 0.3  # of the merge's progress bar, for opening the base model
 # one save dialog picks both the file and its weight type, through the file-type filter
 GGUF_FILTERS = {
     "GGUF, 16-bit float: nearly exact (*.gguf)": "f16",
@@ -85,14 +85,13 @@ def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], Merge
         from studio.ui.model_loader import import_libraries
 
         import_libraries()
+        # opening the base is the first 30% of the dialog's bar, the merge the rest
         loaded = open_model(_base_of(adapter), task=adapter.task,  # type: ignore[arg-type]
-                            on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
+                            on_progress=scaled(report, 0.0, 0.3, stage="open"))
         peft_model = load_adapter(loaded, adapter.folder)
         dtype = loaded.dtype if loaded.dtype in ("float32", "bfloat16", "float16") else "float32"
-        return merge_and_save(
-            peft_model, loaded.tokenizer, target, dtype=dtype,  # type: ignore[arg-type]
-            on_progress=lambda p: report(replace(p, fraction=OPEN_SHARE + (1 - OPEN_SHARE) * p.fraction)),
-        )
+        return merge_and_save(peft_model, loaded.tokenizer, target, dtype=dtype,  # type: ignore[arg-type]
+                              on_progress=scaled(report, 0.3, 1.0))
 
     return job
 
@@ -286,7 +285,7 @@ class AdapterActions(QObject):
         self._job.start()
 
     @Slot(object)
-    def _on_merge_progress(self, progress: MergeProgress) -> None:
+    def _on_merge_progress(self, progress: Progress) -> None:
         if self.progress_dialog is not None:
             self.progress_dialog.setLabelText(progress.message)
             self.progress_dialog.setValue(int(1000 * progress.fraction))

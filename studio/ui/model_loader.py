@@ -5,13 +5,12 @@ transformers, peft) happens here and never on the UI thread."""
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 from studio.core.model import inventory
-from studio.core.model.loading import LoadedModel, LoadProgress, open_model
-
-OPEN_SHARE = 0.85  # of the progress bar, for open_model itself
+from studio.core.model.loading import LoadedModel, open_model
+from studio.core.progress import Progress, ProgressCallback, scaled
 
 
 @dataclass(frozen=True)
@@ -82,14 +81,14 @@ def import_libraries() -> None:
 _libraries_frozen = False
 
 
-def load_model(spec: str, report: Callable[[LoadProgress], None]) -> OpenedModel:
+def load_model(spec: str, report: ProgressCallback) -> OpenedModel:
     """Open `spec` (anything `open_model` accepts) and describe it. Raises StudioError for bad input."""
-    report(LoadProgress("libraries", 0.0, "Loading torch and transformers"))
+    report(Progress("libraries", 0.0, "Loading torch and transformers"))
     import_libraries()
-    # open_model runs to 1.0 on its own; keep the last stretch of the bar for the tree and the presets
-    loaded = open_model(spec, on_progress=lambda p: report(replace(p, fraction=p.fraction * OPEN_SHARE)))
-    report(LoadProgress("inventory", OPEN_SHARE, f"Listing the modules of {loaded.display_name}"))
+    # open_model fills most of the bar; the last stretch is for the tree and the presets
+    loaded = open_model(spec, on_progress=scaled(report, 0.0, 0.85))
+    report(Progress("inventory", 0.85, f"Listing the modules of {loaded.display_name}"))
     tree = inventory.build(loaded.model, loaded.task)
-    report(LoadProgress("presets", (1 + OPEN_SHARE) / 2, "Finding the layer presets"))
+    report(Progress("presets", 0.92, "Finding the layer presets"))
     presets = {name: tuple(names) for name, names in inventory.presets(tree).items()}
     return OpenedModel(loaded.source.spec, loaded, tree, presets, detect_machine())

@@ -8,8 +8,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFormLayout, QLabel, QVBoxLayout, QWidget
 
 from studio.core.model.loading import ModelSource
+from studio.core.units import human_count
 from studio.ui.model_loader import OpenedModel
-from studio.ui.units import human_count
 
 ROWS = ("Model", "Source", "Architecture", "Parameters", "Blocks", "LoRA-targetable layers", "Layer types",
         "Weights", "Tokenizer", "Training on")

@@ -25,8 +25,8 @@ from PySide6.QtGui import QBrush, QColor, QFont
 
 from studio.core.model.inventory import ModuleTree, filter_names
 from studio.core.model.plan import LoraPlan
+from studio.core.units import human_count
 from studio.ui.plan_state import ModulesChanged, PlanState
-from studio.ui.units import human_count
 
 NAME, TYPE, SHAPE, PARAMS, RANK = range(5)
 HEADERS = ("Module", "Type", "Shape", "Parameters", "Rank")

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.data.formats import prompt_inputs
 from studio.core.model.loading import LoadedModel
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
@@ -55,7 +56,7 @@ class AdaptedModel:
     def answers(self, prompt: str, max_new_tokens: int) -> Answers:
         import torch
 
-        ids = prompt_ids(self.tokenizer, prompt).to(self.model.device)
+        ids = prompt_inputs(self.tokenizer, prompt)["input_ids"].to(self.model.device)
         with torch.inference_mode():
             with self.model.disable_adapter():
                 base = self._generate(ids, max_new_tokens)
@@ -67,15 +68,6 @@ class AdaptedModel:
         out = self.model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape), do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> Any:
-    """The prompt as the user turn of the tokenizer's chat template (with the assistant's turn opened), or as
-    plain text for a tokenizer without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
 class Playground(QWidget):

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import events as ev
+from studio.core import run_layout
 from studio.core.data.dataset import DataSpec
 from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
@@ -51,6 +52,16 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _log_level(event: object) -> str:
+    """The colour of an event's line in the log: a message's own level, failures as errors, checkpoints plain and
+    the run's milestones (start, evaluations, pause, end) as events."""
+    if isinstance(event, ev.LogMessage):
+        return event.level
+    if isinstance(event, ev.Failed):
+        return "error"
+    return "info" if isinstance(event, ev.CheckpointSaved) else "event"
 
 
 class TrainPanel(QWidget):
@@ -243,7 +254,7 @@ class TrainPanel(QWidget):
             self._show_error("Nothing to resume: this run has no checkpoint")
             return
         try:
-            base = self._base_for(load(run_dir / "run.yaml"))
+            base = self._base_for(load(run_dir / run_layout.RUN_FILE))
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
@@ -260,7 +271,7 @@ class TrainPanel(QWidget):
             return
         run_dir = Path(run_dir)
         try:
-            config = load(run_dir / "run.yaml")
+            config = load(run_dir / run_layout.RUN_FILE)
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
@@ -308,6 +319,9 @@ class TrainPanel(QWidget):
 
     @Slot(object)
     def _on_session_event(self, event: object) -> None:
+        text = ev.describe(event)  # type: ignore[arg-type]
+        if text is not None:
+            self._log(text, _log_level(event))
         if isinstance(event, ev.StepMetrics):
             self.plots.add_step(event)
             self.progress.setRange(0, event.total_steps)
@@ -317,28 +331,13 @@ class TrainPanel(QWidget):
                                         f"seen, epoch {event.epoch:.2f}")
         elif isinstance(event, ev.EvalMetrics):
             self.plots.add_eval(event)
-            score = f", {event.score_name} {event.score:.3f}" if event.score is not None else ""
-            self._log(f"Step {event.step}: validation loss {event.val_loss:.4f}{score}", "event")
         elif isinstance(event, ev.RunStarted):
             if event.start_step:
                 self.plots.truncate_after(event.start_step)
             self.plots.set_step_range(event.total_steps)
             self.progress.setRange(0, event.total_steps)
             self.progress.setValue(event.start_step)
-            self._log(f"Run folder {event.run_dir}: {event.model} on {event.device}, {event.train_examples} "
-                      f"training / {event.val_examples} validation examples, {event.total_steps} steps", "event")
-        elif isinstance(event, ev.CheckpointSaved):
-            self._log(f"Checkpoint at step {event.step}: {event.path}")
-        elif isinstance(event, ev.Paused):
-            self._log(f"Paused at step {event.step} (checkpoint {event.checkpoint})", "event")
-        elif isinstance(event, ev.Resumed):
-            self._log(f"Resumed at step {event.step}", "event")
-        elif isinstance(event, ev.LogMessage):
-            self._log(event.text, event.level)
         elif isinstance(event, ev.Finished):
-            how = "Stopped" if event.stopped_early else "Finished"
-            loss = f", last loss {event.final_loss:.4f}" if event.final_loss is not None else ""
-            self._log(f"{how} at step {event.step}{loss}; adapter saved to {event.adapter_dir}", "event")
             self.sig_run_finished.emit(event)
         elif isinstance(event, ev.Failed):
             self._on_failed(event)
@@ -346,7 +345,6 @@ class TrainPanel(QWidget):
     def _on_failed(self, failed: ev.Failed) -> None:
         where = (f"\n\nThe last checkpoint is {failed.checkpoint}: Resume continues from there."
                  if failed.checkpoint else "\n\nNo checkpoint was saved before this point.")
-        self._log(f"Failed at step {failed.step}: {failed.message}", "error")
         self.failure_dialog = QMessageBox(QMessageBox.Warning, "Training stopped", failed.message + where,
                                           parent=self)
         self.failure_dialog.open()  # window-modal without blocking the event loop

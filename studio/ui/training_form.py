@@ -10,14 +10,13 @@ from PySide6.QtCore import Signal
 from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QSpinBox, QWidget
 
-from studio.core.runconfig import TrainingConfig
+from studio.core.runconfig import DEMO_TRAINING, TrainingConfig, field_help
 
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_MAX_LENGTH = 128
 FIELD_WIDTH = 115  # numbers are short; a narrow form leaves the width to the plots
 PAIRS_PER_ROW = 2
-FORM_DEFAULTS = TrainingConfig(max_steps=60, batch_size=8, eval_every=20, eval_examples=16, save_every=20,
-                               spectrum_every=5, learning_rate=2e-3)  # a demo run that shows a curve in minutes
+FORM_DEFAULTS = DEMO_TRAINING  # a run that shows a curve in minutes
 
 
 class LearningRateSpinBox(QDoubleSpinBox):
@@ -49,6 +48,11 @@ class LearningRateSpinBox(QDoubleSpinBox):
         self.setValue(self.value() * 2.0**steps)
 
 
+def _tip(name: str) -> str:
+    """The tooltip of a TrainingConfig field: its own help."""
+    return field_help(TrainingConfig, name)
+
+
 def _spin(low: int, high: int, tip: str, special: str | None = None) -> QSpinBox:
     spin = QSpinBox()
     spin.setRange(low, high)
@@ -64,26 +68,26 @@ class TrainingForm(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.learning_rate = LearningRateSpinBox()
-        self.learning_rate.setToolTip("AdamW's learning rate; LoRA usually wants 1e-4 to 2e-3")
-        self.max_steps = _spin(1, 10_000_000, "Optimizer steps; epochs follow from the data size and batch")
-        self.batch_size = _spin(1, 4096, "Examples per micro-batch")
-        self.gradient_accumulation = _spin(1, 1024, "Micro-batches per optimizer step")
+        self.learning_rate.setToolTip(_tip("learning_rate"))
+        self.max_steps = _spin(1, 10_000_000, _tip("max_steps"))
+        self.batch_size = _spin(1, 4096, _tip("batch_size"))
+        self.gradient_accumulation = _spin(1, 1024, _tip("gradient_accumulation"))
         self.warmup = QDoubleSpinBox()
         self.warmup.setRange(0.0, 0.95)
         self.warmup.setSingleStep(0.05)
-        self.warmup.setToolTip("Share of the steps over which the learning rate ramps up from zero")
+        self.warmup.setToolTip(_tip("warmup_ratio"))
         self.schedule = QComboBox()
         self.schedule.addItems(SCHEDULES)
-        self.eval_every = _spin(0, 10_000_000, "Steps between validation runs (the run always ends with one)",
-                                "end only")
-        self.eval_examples = _spin(0, 100_000, "Validation examples scored by generation (exact match or "
-                                   "accuracy) per evaluation; 0 reports the validation loss only", "loss only")
-        self.save_every = _spin(0, 10_000_000, "Steps between checkpoints (Pause and Stop save one too)", "off")
-        self.spectrum_every = _spin(0, 10_000_000, "Steps between singular-value snapshots of the adapter", "off")
+        self.schedule.setToolTip(_tip("schedule"))
+        self.eval_every = _spin(0, 10_000_000, _tip("eval_every"), "end only")
+        self.eval_examples = _spin(0, 100_000, _tip("eval_examples"), "loss only")
+        self.save_every = _spin(0, 10_000_000, _tip("save_every"), "off")
+        self.spectrum_every = _spin(0, 10_000_000, _tip("spectrum_every"), "off")
+        # DataSpec's field; its tooltip comes from DataSpec's help once that carries one
         self.max_length = _spin(2, 1_000_000, "Tokens per example; longer examples are cut (see the data panel)")
         self.gradient_checkpointing = QCheckBox("on")
-        self.gradient_checkpointing.setToolTip("Recompute activations in the backward pass instead of keeping them")
-        self.seed = _spin(0, 2**31 - 1, "Seeds the data order, dropout and the adapter's initialisation")
+        self.gradient_checkpointing.setToolTip(_tip("gradient_checkpointing"))
+        self.seed = _spin(0, 2**31 - 1, _tip("seed"))
 
         grid = QGridLayout(self)  # label/field pairs, PAIRS_PER_ROW to a row: short, so the plots keep the height
         grid.setContentsMargins(0, 0, 0, 0)

@@ -97,6 +97,7 @@ class TrainingSession(QObject):
 
     def resume_run(self, run_dir: str | Path, max_steps: int | None = None, base: LoadedModel | None = None) -> bool:
         """Continue `run_dir` from its latest checkpoint (optionally to a new step budget); `base` as in start."""
+        from studio.core import run_layout
         from studio.core.runconfig import load
         from studio.core.train import engine
 
@@ -104,7 +105,7 @@ class TrainingSession(QObject):
 
         def run(control: TrainControl, report: Report) -> ev.Finished | ev.Failed:
             try:
-                config = load(Path(run_dir) / "run.yaml")
+                config = load(Path(run_dir) / run_layout.RUN_FILE)
             except StudioError as exc:
                 failed = ev.Failed(str(exc), 0)
                 report(failed)

@@ -1,20 +1,8 @@
-"""How numbers read in the window: parameter counts and byte sizes a person can take in at a glance."""
+"""The core's number formats, under the name the window's older modules import them by (adapter_panel,
+memory_bar, main_window); new code imports studio.core.units."""
 
 from __future__ import annotations
 
+from studio.core.units import human_bytes, human_count
 
-def human_count(n: int) -> str:
-    """134515008 -> "134.5M"; small counts stay exact."""
-    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{suffix}"
-    return str(n)
-
-
-def human_bytes(n: float) -> str:
-    """Binary units, as the GPU tools show them: 9823216 -> "9.4 MiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+__all__ = ["human_bytes", "human_count"]

@@ -31,7 +31,7 @@ class WorkFailed:
 
 
 class Worker(QObject):
-    sig_progress = Signal(object)  # whatever the job reports, e.g. a core LoadProgress
+    sig_progress = Signal(object)  # whatever the job reports, e.g. a core Progress
     sig_result = Signal(object)  # the job's return value
     sig_failed = Signal(object)  # WorkFailed
     sig_finished = Signal()  # always last, after sig_result or sig_failed

@@ -141,3 +141,17 @@ def test_building_the_parser_imports_neither_torch_nor_peft_yet_help_quotes_peft
     first_sentence = LoraConfig.__dataclass_fields__["r"].metadata["help"].split(". ")[0]
     help_text = run_cli("count", "--help").stdout
     assert first_sentence in " ".join(help_text.split())
+
+
+def test_the_run_file_options_quote_the_run_files_own_field_help():
+    from studio.core.model.plan import LoraPlan
+    from studio.core.runconfig import ModelConfig, TrainingConfig, field_help
+
+    def bare(text: str) -> str:  # argparse wraps lines, at hyphens too
+        return "".join(text.split())
+
+    train_help = bare(run_cli("train", "--help").stdout)
+    assert bare(f"override training.max_steps: {field_help(TrainingConfig, 'max_steps')}") in train_help
+    count_help = bare(run_cli("count", "--help").stdout)
+    for cls, name in ((LoraPlan, "targets"), (LoraPlan, "variant"), (ModelConfig, "source"), (ModelConfig, "task")):
+        assert bare(field_help(cls, name)) in count_help

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from studio.cli import main
 from studio.core.data.dataset import demo_spec
+from studio.core.events import Finished, RunStarted, describe
+from studio.core.train.run_folder import event_from
 
 
 def test_init_train_export_spectrum_generate_merge(tmp_path, capsys, default_model, monkeypatch):
@@ -27,10 +29,14 @@ def test_init_train_export_spectrum_generate_merge(tmp_path, capsys, default_mod
 
     assert main(["train", "run.yaml", "--max-steps", "2", "--run-dir", "runs/one"]) == 0
     out = capsys.readouterr()
-    assert "finished at step 2" in out.out and "runs/one/adapter" in out.out
-    assert "run folder:" in out.err
+    assert "Finished at step 2" in out.out and "runs/one/adapter" in out.out
+    assert "Run folder runs/one: " in out.err
     records = [json.loads(line) for line in Path("runs/one/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "StepMetrics"] == [1, 2]
+    # the CLI says each event in the core's words, the same the window's log shows (tests/ui/test_training_run.py)
+    events = {type(e): e for e in map(event_from, records)}
+    assert out.out.strip() == describe(events[Finished])
+    assert describe(events[RunStarted]) in out.err
 
     assert main(["export", "runs/one", "--out", "exported"]) == 0
     assert Path("exported/adapter_model.safetensors").is_file()

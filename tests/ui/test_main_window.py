@@ -8,8 +8,8 @@ import time
 import pytest
 from PySide6.QtCore import QTimer
 
-from studio.core.model.loading import LoadProgress
 from studio.core.model.plan import count
+from studio.core.progress import Progress
 from studio.ui.main_window import MainWindow
 
 HEARTBEAT_MS = 10
@@ -88,7 +88,7 @@ def test_a_bad_model_path_shows_the_one_line_error(qtbot, settings, tmp_path):
 
 def test_an_unexpected_error_is_logged_with_its_traceback(qtbot, settings, tmp_path, caplog):
     def broken_loader(spec, report):
-        report(LoadProgress("resolve", 0.1, f"Opening {spec}"))
+        report(Progress("resolve", 0.1, f"Opening {spec}"))
         return {}["a bug, not a user error"]
 
     log_path = tmp_path / "studio.log"

@@ -19,9 +19,10 @@ from PySide6.QtWidgets import QFileDialog
 
 from studio.core import events as ev
 from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
+from studio.core.data.formats import prompt_inputs
 from studio.core.runconfig import load
 from studio.ui.main_window import MainWindow
-from studio.ui.playground import DEFAULT_PROMPT, prompt_ids
+from studio.ui.playground import DEFAULT_PROMPT
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import Heartbeat, configure_tiny_run, wait_until, write_demo_rows
 
@@ -81,6 +82,10 @@ def test_the_run_started_from_the_window_finishes_and_the_buttons_go_back_to_idl
     assert (Path(finished.adapter_dir) / "adapter_config.json").is_file()
     assert "Finished at step 4" in panel.log_view.toPlainText()
     assert f"Checkpoint at step 2: {finished.run_dir}/checkpoints/step-2" in panel.log_view.toPlainText()
+    # the log says each event in the core's words, the same the CLI prints (tests/cli/test_cli_training.py)
+    said = [ev.describe(e) for e in run.events if not isinstance(e, (ev.StepMetrics, ev.SpectrumSnapshot))]
+    assert said and all(text in panel.log_view.toPlainText() for text in said)
+    assert ev.describe(run.of(ev.RunStarted)[0]).startswith(f"Run folder {finished.run_dir}: ")
 
 
 def test_every_step_adds_one_loss_point_and_every_evaluation_one_validation_point(run):
@@ -277,7 +282,7 @@ def test_the_playground_answers_with_and_without_the_adapter_as_peft_does(run, q
     assert answers is not None and answers.prompt == DEFAULT_PROMPT, playground.status_label.text()
 
     tokenizer = fresh_default_model.tokenizer
-    ids = prompt_ids(tokenizer, DEFAULT_PROMPT)
+    ids = prompt_inputs(tokenizer, DEFAULT_PROMPT)["input_ids"]
 
     def greedy(model) -> str:
         with torch.inference_mode():

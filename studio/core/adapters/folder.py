@@ -1,28 +1,27 @@
-"""The PEFT LoRA adapter folder, written down once: its file names, the key prefix and LoRA key pattern of its
-tensors, its adapter_config.json (read and checked), the shapes of its tensors, and the plan it embodies. Every
-reader (export, load, merge, spectra, a run that continues an adapter, GGUF) goes through here, so a broken
-folder gets the same one line everywhere, and .bin adapters are read wherever safetensors ones are."""
+"""The PEFT LoRA adapter folder, written down once: its file names, its adapter_config.json (read and checked), the
+shapes and tensors of its weights file (safetensors or .bin), the plan it embodies, and where a run folder keeps
+its adapter. Every reader (export, load, merge, spectra, checkpoints, a run that continues an adapter, GGUF) goes
+through here, so a broken folder gets the same one line everywhere, and .bin adapters are read wherever
+safetensors ones are. The tensor keys inside follow model/adapter_keys.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from studio.core import run_layout
 from studio.core.errors import ExportError, first_line
+from studio.core.model.adapter_keys import parse_lora_key
 from studio.core.model.inventory import ModuleTree
 from studio.core.model.plan import LoraPlan, Variant
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names, preferred first
 
-PEFT_KEY_PREFIX = "base_model.model."  # PEFT's prefix on every tensor key of a transformers model's adapter
-
 PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}
-LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,9 @@ def read_adapter_info(adapter_dir: str | Path) -> AdapterInfo:
 
 
 def read_adapter(path: Path) -> tuple[AdapterInfo, dict[str, tuple[int, ...]]]:
+    """The folder's description and the shape of every tensor in its weights file (read without the data)."""
     data = read_adapter_config(path)
-    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
-    if weights is None:
-        raise ExportError(f"{path} is not a complete PEFT adapter: it has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS[0]}")
+    weights = weights_file(path)
     shapes = _tensor_shapes(weights)
     targets = data.get("target_modules") or ()
     variant: Variant = "dora" if data.get("use_dora") else "rslora" if data.get("use_rslora") else "lora"
@@ -92,12 +90,51 @@ def read_adapter(path: Path) -> tuple[AdapterInfo, dict[str, tuple[int, ...]]]:
         alpha=float(data["lora_alpha"]),
         variant=variant,
         task_type=data.get("task_type"),
-        modules=len({m.group("module") for key in shapes if (m := LORA_KEY.match(key))}),
+        modules=len(adapted_modules(shapes)),
         parameters=sum(math.prod(shape) for shape in shapes.values()),
         file_bytes=weights.stat().st_size,
         modules_to_save=tuple(data.get("modules_to_save") or ()),
     )
     return info, shapes
+
+
+def weights_file(path: Path) -> Path:
+    """The folder's weights file, safetensors preferred; ExportError when it has none."""
+    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise ExportError(f"{path} is not a complete PEFT adapter: it has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS[0]}")
+    return weights
+
+
+def read_adapter_tensors(adapter_dir: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """The tensors of the folder's weights file (all, or those whose key `keep` accepts), as CPU torch tensors
+    keyed as saved; ExportError for a missing or damaged file."""
+    weights = weights_file(Path(adapter_dir).expanduser())
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt", device="cpu") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys() if keep is None or keep(key)}
+        import torch
+
+        state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
+        return {key: tensor for key, tensor in state.items() if keep is None or keep(key)}
+    except Exception as exc:  # noqa: BLE001 - safetensors and torch raise many types for a damaged file
+        raise _damaged(weights, exc) from exc
+
+
+def read_lora_factors(adapter_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Module name (the base model's) -> {"A": tensor, "B": tensor} for every LoRA factor in the folder's weights
+    file; a module missing one of its factors has one entry. ExportError when the file holds no factor at all."""
+    path = Path(adapter_dir).expanduser()
+    factors: dict[str, dict[str, Any]] = {}
+    for key, tensor in read_adapter_tensors(path, keep=lambda key: parse_lora_key(key) is not None).items():
+        if (lora_key := parse_lora_key(key)) is not None:
+            factors.setdefault(lora_key.module, {})[lora_key.side] = tensor
+    if not factors:
+        raise ExportError(f"{weights_file(path)} holds no LoRA A/B matrices")
+    return factors
 
 
 def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
@@ -113,11 +150,16 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
         return {key: tuple(tensor.shape) for key, tensor in state.items()}
     except Exception as exc:  # noqa: BLE001 - safetensors and torch raise many types for a damaged file
-        raise ExportError(f"{weights} is damaged or not a weights file: {first_line(exc)}") from exc
+        raise _damaged(weights, exc) from exc
+
+
+def _damaged(weights: Path, exc: Exception) -> ExportError:
+    return ExportError(f"{weights} is damaged or not a weights file: {first_line(exc)}")
 
 
 def adapted_modules(shapes: dict[str, tuple[int, ...]]) -> set[str]:
-    return {m.group("module").removeprefix(PEFT_KEY_PREFIX) for key in shapes if (m := LORA_KEY.match(key))}
+    """The base model's names of the modules whose LoRA factors the weights file holds."""
+    return {lora_key.module for key in shapes if (lora_key := parse_lora_key(key))}
 
 
 def plan_of_adapter(tree: ModuleTree, adapter_dir: str | Path) -> LoraPlan:
@@ -127,11 +169,19 @@ def plan_of_adapter(tree: ModuleTree, adapter_dir: str | Path) -> LoraPlan:
     config = read_adapter_config(path)
     ranks: dict[str, int] = {}
     for key, shape in shapes.items():
-        match = LORA_KEY.match(key)
-        if match and match.group("role") in ("lora_A.weight", "lora_embedding_A"):
-            ranks[match.group("module").removeprefix(PEFT_KEY_PREFIX)] = int(shape[0])
+        lora_key = parse_lora_key(key)
+        if lora_key is not None and lora_key.side == "A":
+            ranks[lora_key.module] = int(shape[0])
     targets = tuple(name for name in tree.modules if name in ranks)
     overrides = {name: r for name, r in ranks.items() if r != info.r and name in tree}
     return LoraPlan(targets=targets, rank=info.r, alpha=info.alpha, rank_overrides=overrides,
                     dropout=float(config.get("lora_dropout", 0.0)), bias=config.get("bias", "none"),
                     variant=info.variant, modules_to_save=tuple(config.get("modules_to_save") or ()))
+
+
+def run_adapter(run_dir: str | Path) -> Path | None:
+    """A run folder's adapter: its final one, else its newest checkpoint's; None before either exists."""
+    run = Path(run_dir).expanduser()
+    candidates = [run / run_layout.ADAPTER]
+    candidates += [checkpoint / run_layout.ADAPTER for checkpoint in reversed(run_layout.checkpoint_folders(run))]
+    return next((folder for folder in candidates if (folder / ADAPTER_CONFIG).is_file()), None)

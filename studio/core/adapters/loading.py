@@ -6,15 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from studio.core.adapters.folder import (
-    LORA_KEY,
-    PEFT_KEY_PREFIX,
-    PEFT_TASKS,
-    AdapterInfo,
-    adapted_modules,
-    read_adapter,
-)
+from studio.core.adapters.folder import PEFT_TASKS, AdapterInfo, adapted_modules, read_adapter
 from studio.core.errors import ExportError, first_line
+from studio.core.model.adapter_keys import PEFT_KEY_PREFIX, parse_lora_key
 from studio.core.model.loading import LoadedModel, require_weights
 
 
@@ -63,8 +57,8 @@ def _check_fits(loaded: LoadedModel, info: AdapterInfo, shapes: dict[str, tuple[
     params = dict(loaded.model.named_parameters(remove_duplicate=False))
     made_for = _made_for(info)
     for key, shape in shapes.items():
-        match = LORA_KEY.match(key)
-        if match is None:
+        lora_key = parse_lora_key(key)
+        if lora_key is None:
             # a full copy (modules_to_save, embeddings of a resized vocabulary, a trained bias)
             name = key.removeprefix(PEFT_KEY_PREFIX).replace(".modules_to_save", "").replace(".base_layer", "")
             if name in params and tuple(params[name].shape) != shape:
@@ -73,7 +67,7 @@ def _check_fits(loaded: LoadedModel, info: AdapterInfo, shapes: dict[str, tuple[
                     f"but it is {_dims(params[name].shape)} here; {made_for}"
                 )
             continue
-        name, role = match.group("module").removeprefix(PEFT_KEY_PREFIX), match.group("role")
+        name, role = lora_key.module, lora_key.role
         if name not in tree:
             raise ExportError(f"the adapter does not fit {loaded.display_name}: it adapts {name}, "
                               f"which this model does not have; {made_for}")
@@ -81,7 +75,7 @@ def _check_fits(loaded: LoadedModel, info: AdapterInfo, shapes: dict[str, tuple[
         if not module.targetable:
             raise ExportError(f"the adapter adapts {name}, a {module.class_name} LoRA cannot adapt; {made_for}")
         n_in, n_out = int(module.in_features or 0), int(module.out_features or 0)
-        fits = shape[1] == n_in if role in ("lora_A.weight", "lora_embedding_A") else shape[0] == n_out
+        fits = shape[1] == n_in if lora_key.side == "A" else shape[0] == n_out
         if len(shape) != 2 or not fits:
             raise ExportError(
                 f"the adapter does not fit {loaded.display_name}: {name} is {module.shape} here, but the adapter's "

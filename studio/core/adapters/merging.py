@@ -7,25 +7,17 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from studio.core.errors import ExportError, first_line
 from studio.core.files import atomic_folder
+from studio.core.progress import Progress, ProgressCallback, ignore, scaled
 
 MergeDtype = Literal["float32", "bfloat16", "float16"]
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
 PROBE_TEXT = "A merged model should answer exactly like the base model with its adapter on."
-
-
-@dataclass(frozen=True)
-class MergeProgress:
-    """A merge stage: `fraction` runs from 0 to 1."""
-
-    stage: str
-    fraction: float
-    message: str
 
 
 @dataclass(frozen=True)
@@ -38,9 +30,6 @@ class MergeReport:
     notes: tuple[str, ...] = ()  # what the merge changed beyond adding the deltas, for the user to read
 
 
-MergeProgressCallback = Callable[[MergeProgress], None]
-
-
 def merge_and_save(
     peft_model: Any,
     tokenizer: Any,
@@ -48,7 +37,7 @@ def merge_and_save(
     *,
     dtype: MergeDtype = "float32",
     probe_input_ids: Sequence[int] | Any | None = None,
-    on_progress: MergeProgressCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Save base + adapter as one plain model folder (safetensors, config, generation config, tokenizer) that
     `AutoModelForCausalLM.from_pretrained(out_dir)` opens, and check it against the adapter on a probe batch.
@@ -63,7 +52,7 @@ def merge_and_save(
     the adapter's update; merge into the unquantized base instead.
     """
     started = time.perf_counter()
-    report = on_progress or (lambda _p: None)
+    report = on_progress or ignore
     if dtype not in MERGE_DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}: use {', '.join(MERGE_DTYPES)}")
     hf_model = peft_model.get_base_model()
@@ -75,9 +64,9 @@ def merge_and_save(
         )
     import torch
 
-    report(MergeProgress("merge", 0.0, "Merging the adapter into a copy of the base weights"))
-    merged, notes = merged_model(hf_model, report)
-    report(MergeProgress("verify", 0.75, "Comparing the merged model with the adapter on a probe batch"))
+    report(Progress("merge", 0.0, "Merging the adapter into a copy of the base weights"))
+    merged, notes = merged_model(hf_model, scaled(report, 0.0, 0.7))
+    report(Progress("verify", 0.75, "Comparing the merged model with the adapter on a probe batch"))
     probe = _probe_ids(probe_input_ids, tokenizer, hf_model)
     expected = _adapter_logits(peft_model, probe)
     diff = saved_diff = _max_logit_diff(expected, merged, probe)
@@ -85,12 +74,12 @@ def merge_and_save(
         merged.to(getattr(torch, dtype))  # replaces the copy's tensors; the caller's weights stay untouched
         saved_diff = _max_logit_diff(expected, merged, probe)
     target = Path(out_dir).expanduser()
-    report(MergeProgress("save", 0.85, f"Writing the merged model to {target}"))
+    report(Progress("save", 0.85, f"Writing the merged model to {target}"))
     with atomic_folder(target, "merged model") as staging:
         merged.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-    report(MergeProgress("done", 1.0, f"Merged model saved to {target}"))
+    report(Progress("done", 1.0, f"Merged model saved to {target}"))
     return MergeReport(str(target), diff, dtype, time.perf_counter() - started, saved_diff, notes)
 
 
@@ -115,9 +104,10 @@ def quantization_of(hf_model: Any) -> str | None:
     return None
 
 
-def merged_model(hf_model: Any, report: MergeProgressCallback) -> tuple[Any, tuple[str, ...]]:
+def merged_model(hf_model: Any, report: ProgressCallback) -> tuple[Any, tuple[str, ...]]:
     """A plain copy of the base architecture on the CPU, in the base's own dtypes, holding base + adapter weights.
-    Tensors the adapter does not change share memory with the base when it is on the CPU already."""
+    Tensors the adapter does not change share memory with the base when it is on the CPU already. `report` hears
+    one stage, "merge", from 0 to 1 as the adapted layers are merged."""
     import torch
     from transformers.initialization import no_init_weights
 
@@ -128,7 +118,7 @@ def merged_model(hf_model: Any, report: MergeProgressCallback) -> tuple[Any, tup
         for key, value in [*merged.named_parameters(), *merged.named_buffers()]:
             tensors[f"{name}.{key}"] = value.detach().to("cpu")
         del merged
-        report(MergeProgress("merge", 0.7 * (i + 1) / len(wrappers), f"Merged {name}"))
+        report(Progress("merge", (i + 1) / len(wrappers), f"Merged {name}"))
 
     config = copy.deepcopy(hf_model.config)
     # the merged weights are plain floats: a quantization_config (e.g. a GGUF one) would make transformers

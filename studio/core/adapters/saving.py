@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from studio.core.adapters.folder import read_adapter_info
+from studio.core.adapters.folder import read_adapter_info, run_adapter
 from studio.core.errors import ExportError, StudioError
 from studio.core.files import atomic_folder
 from studio.core.model.loading import resolve_source
@@ -69,10 +69,7 @@ def _vocab_resized(hf_model: Any) -> bool:
 def export_run_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Copy a run's adapter (its final `adapter/`, else the newest checkpoint's) to `out_dir`, atomically."""
     run = Path(run_dir).expanduser()
-    candidates = [run / "adapter"] + sorted(
-        (run / "checkpoints").glob("step-*/adapter"), key=lambda p: int(p.parent.name.split("-", 1)[1]), reverse=True
-    )
-    source = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+    source = run_adapter(run)
     if source is None:
         raise ExportError(f"{run} holds no adapter yet: train it first, or pick a run folder")
     read_adapter_info(source)  # refuse a half-written or foreign folder before copying it

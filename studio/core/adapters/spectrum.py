@@ -20,19 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from studio.core.adapters.folder import ADAPTER_CONFIG, read_adapter_config
+from studio.core.adapters.folder import ADAPTER_CONFIG, read_adapter_config, read_lora_factors, weights_file
 from studio.core.errors import ExportError
 from studio.core.events import ModuleSpectrum
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENERGY_FRACTIONS = (0.90, 0.95)
 # Cumulative energy shares are float sums: a share that should equal the fraction may land a hair below it.
 SHARE_TOLERANCE = 1e-9
-# PEFT's saved keys: base_model.model.<module name>.<factor>
-SAVED_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<name>.+)\."
-    r"(?P<factor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
-)
 
 Verdict = Literal["full", "smaller", "untrained"]
 
@@ -112,17 +106,18 @@ def read_adapter_spectra(folder: str | Path) -> tuple[ModuleSpectrum, ...]:
 
     path = Path(folder).expanduser()
     config = read_adapter_config(path)
-    pairs = _read_saved_factors(path)
+    pairs = read_lora_factors(path)
+    weights = weights_file(path)
     factors = []
     for name in sorted(pairs, key=_natural_key):
         pair = pairs[name]
         if set(pair) != {"A", "B"}:
             missing = "B" if "A" in pair else "A"
-            raise ExportError(f"{path / ADAPTER_WEIGHTS} lacks the LoRA {missing} matrix of {name}: save it again")
+            raise ExportError(f"{weights} lacks the LoRA {missing} matrix of {name}: save it again")
         rank, scaling = _configured_scaling(config, name)
         if not _fits_rank(pair["A"], pair["B"], rank):
             raise ExportError(
-                f"{name} has rank {pair['A'].shape[0]} in {ADAPTER_WEIGHTS} but {ADAPTER_CONFIG} gives r={rank}: "
+                f"{name} has rank {pair['A'].shape[0]} in {weights.name} but {ADAPTER_CONFIG} gives r={rank}: "
                 "the two files come from different adapters"
             )
         factors.append(_Factors(name, pair["A"], pair["B"], scaling))
@@ -274,30 +269,6 @@ def _energy_figures(values: Any) -> tuple[Any, Any, Any]:
     ]
     top1 = torch.where(trained, share[:, :1].sum(-1), 0.0)
     return ranks[0], ranks[1], top1
-
-
-def _read_saved_factors(path: Path) -> dict[str, dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        other = " (it holds adapter_model.bin: re-save it with safe_serialization)" if (
-            path / "adapter_model.bin").is_file() else ""
-        raise ExportError(f"{path} has no {ADAPTER_WEIGHTS}{other}")
-    pairs: dict[str, dict[str, Any]] = {}
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                match = SAVED_KEY.match(key)
-                if match:
-                    side = "A" if match["factor"] in ("lora_A.weight", "lora_embedding_A") else "B"
-                    pairs.setdefault(match["name"], {})[side] = handle.get_tensor(key)
-    except (OSError, SafetensorError) as exc:
-        raise ExportError(f"{weights} is not a readable safetensors file: re-save the adapter") from exc
-    if not pairs:
-        raise ExportError(f"{weights} holds no LoRA A/B matrices")
-    return pairs
 
 
 def _configured_scaling(config: dict[str, Any], name: str) -> tuple[int, float]:

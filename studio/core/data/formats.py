@@ -304,6 +304,29 @@ class RowFormatter:
         return pieces
 
 
+def chat_prompt(tokenizer: Any, prompt: str) -> str | None:
+    """`prompt` as the user turn of the tokenizer's chat template with the assistant's turn opened: the text a chat
+    model continues with its answer. None for a tokenizer without a chat template; DataError when the template
+    rejects a conversation of one user turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - templates raise jinja errors of their own (e.g. role order)
+        raise DataError(f"the chat template rejects a lone user prompt: {first_line(exc)}") from exc
+
+
+def prompt_inputs(tokenizer: Any, prompt: str, *, raw: bool = False) -> Any:
+    """Token ids and attention mask (1×n torch tensors) to generate an answer from: the prompt wrapped by
+    `chat_prompt`, its special tokens written by the template (none added, as apply_chat_template tokenizes);
+    with `raw`, or without a template, the prompt as plain text with the tokenizer's usual special tokens."""
+    text = None if raw else chat_prompt(tokenizer, prompt)
+    if text is None:
+        return tokenizer(prompt, return_tensors="pt")
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")
+
+
 def plain_instruction_prompt(prompt: str, extra: str = "") -> str:
     """The plain template up to where the response starts (used when a tokenizer has no chat template)."""
     head = PLAIN_INSTRUCTION.format(prompt=prompt)

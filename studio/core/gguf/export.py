@@ -20,16 +20,17 @@ from typing import Any, Literal
 
 from studio.core.adapters.folder import read_adapter_info
 from studio.core.adapters.loading import load_adapter
-from studio.core.adapters.merging import MergeProgress, MergeProgressCallback, merged_model, quantization_of
-from studio.core.errors import ExportError, first_line
+from studio.core.adapters.merging import merged_model, quantization_of
+from studio.core.data.formats import chat_prompt
+from studio.core.errors import DataError, ExportError, first_line
 from studio.core.files import write_failure
 from studio.core.gguf import layout as gguf_layout
 from studio.core.gguf.modelfile import write_modelfile
 from studio.core.gguf.vocab import GgufVocab, gguf_vocab, source_tokenizer_pre
+from studio.core.progress import Progress, ProgressCallback, ignore, scaled
 
 GgufType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-OPEN_SHARE = 0.2  # of export_adapter_gguf's progress, for opening the base model
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # digits, contractions, runs of spaces and newlines: where pre-tokenizers differ
 PROBE_MESSAGE = "Does the merged model answer like its adapter? It's 1234567 tokens, isn't it?\n\n  Yes: 3.14."
@@ -72,22 +73,21 @@ def export_adapter_gguf(
     out_path: str | Path,
     out_type: GgufType = "f16",
     *,
-    on_progress: MergeProgressCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> GgufReport:
     """Open `base` (a model spec, as `open_model` takes), put the adapter on it and export the merge to `out_path`.
-    Progress covers the whole job: opening the base takes the first OPEN_SHARE of it."""
+    Progress covers the whole job: opening the base is its first fifth, the export (export_gguf) the rest."""
     from studio.core.model.loading import open_model
 
     read_adapter_info(adapter_dir)  # a wrong folder fails now, not after the base model has loaded
     _check_out_type(out_type)
-    report = on_progress or (lambda _p: None)
-    loaded = open_model(base, on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
+    loaded = open_model(base, on_progress=scaled(on_progress, 0.0, 0.2, stage="open"))
     peft_model = load_adapter(loaded, adapter_dir)
     source = loaded.source
     pre = source_tokenizer_pre(Path(source.location) / source.gguf_file) if source.gguf_file else None
     return export_gguf(
         peft_model, loaded.tokenizer, out_path, out_type, tokenizer_pre=pre,
-        on_progress=lambda p: report(MergeProgress(p.stage, OPEN_SHARE + (1 - OPEN_SHARE) * p.fraction, p.message)),
+        on_progress=scaled(on_progress, 0.2, 1.0),
     )
 
 
@@ -97,7 +97,7 @@ def export_gguf(
     out_path: str | Path,
     out_type: GgufType = "f16",
     *,
-    on_progress: MergeProgressCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     tokenizer_pre: str | None = None,
 ) -> GgufReport:
     """Write `model` (a PeftModel, merged here on a copy, or a plain transformers model) and its tokenizer as one
@@ -106,7 +106,7 @@ def export_gguf(
     `tokenizer_pre` names llama.cpp's pre-tokenizer; by default it is read off the tokenizer's own pre-tokenizer.
     """
     started = time.perf_counter()
-    report = on_progress or (lambda _p: None)
+    report = on_progress or ignore
     _check_out_type(out_type)
     if tokenizer is None:
         raise ExportError("GGUF export needs the model's tokenizer: the file carries the vocabulary")
@@ -124,15 +124,14 @@ def export_gguf(
     hparams = gguf_layout.hparams(hf_model.config, arch)
     vocab = gguf_vocab(tokenizer, hparams["vocab"], tokenizer_pre)
 
-    report(MergeProgress("merge", 0.0, "Merging the adapter into a copy of the base weights"))
-    merged, merge_notes = merged_model(hf_model, lambda p: report(MergeProgress("merge", 0.3 * p.fraction / 0.7,
-                                                                                  p.message)))
+    report(Progress("merge", 0.0, "Merging the adapter into a copy of the base weights"))
+    merged, merge_notes = merged_model(hf_model, scaled(report, 0.0, 0.3))
     plan = gguf_layout.tensor_plan(merged, arch, out_type, hparams)
     notes = [*merge_notes, *vocab.notes, *hparams["notes"]]
     staging = _staging_file(target)
     try:
-        _write(staging, target.stem, arch, out_type, hparams, vocab, plan, report)
-        report(MergeProgress("verify", 0.9, "Running the file in llama.cpp and comparing its logits"))
+        _write(staging, target.stem, arch, out_type, hparams, vocab, plan, scaled(report, 0.3, 0.9))
+        report(Progress("verify", 0.9, "Running the file in llama.cpp and comparing its logits"))
         text, ids = _probe(tokenizer)
         check = _verify(staging, merged, text, ids)
         os.replace(staging, target)
@@ -145,7 +144,7 @@ def export_gguf(
     if check.note:
         notes.append(check.note)
     modelfile = write_modelfile(target, tokenizer)
-    report(MergeProgress("done", 1.0, f"GGUF file written to {target}"))
+    report(Progress("done", 1.0, f"GGUF file written to {target}"))
     return GgufReport(
         str(target), str(modelfile), out_type, target.stat().st_size, len(plan), time.perf_counter() - started,
         check.verified, check.max_logit_diff, check.top1_agreement, check.tokens_agree, len(ids), tuple(notes),
@@ -193,7 +192,8 @@ def _staging_file(target: Path) -> Path:
 
 
 def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, Any], vocab: GgufVocab,
-           plan: list[tuple[str, Any, Any]], report: MergeProgressCallback) -> None:
+           plan: list[tuple[str, Any, Any]], report: ProgressCallback) -> None:
+    """The GGUF file at `path`; `report` hears one stage, "write", from 0 to 1 tensor by tensor."""
     import gguf
     import numpy as np
 
@@ -244,8 +244,8 @@ def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, A
         writer.write_ti_data_to_file()
         for i, (gguf_name, tensor, qtype) in enumerate(plan):
             writer.write_tensor_data(gguf_layout.tensor_array(gguf_name, tensor, qtype, arch, hparams))
-            report(MergeProgress("write", 0.3 + 0.6 * (i + 1) / len(plan),
-                                 f"Wrote tensor {i + 1} of {len(plan)}: {gguf_name} ({qtype.name})"))
+            report(Progress("write", (i + 1) / len(plan),
+                            f"Wrote tensor {i + 1} of {len(plan)}: {gguf_name} ({qtype.name})"))
     finally:
         writer.close()
 
@@ -254,13 +254,10 @@ def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, A
 
 def _probe(tokenizer: Any) -> tuple[str, list[int]]:
     """A chat-formatted prompt when the model has a chat template (its special tokens get checked too)."""
-    text = PROBE_MESSAGE
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_MESSAGE}], tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - jinja raises its own types for templates that want other roles
-            text = PROBE_MESSAGE
+    try:
+        text = chat_prompt(tokenizer, PROBE_MESSAGE) or PROBE_MESSAGE
+    except DataError:  # a template that wants other roles: the plain message still checks the vocabulary
+        text = PROBE_MESSAGE
     return text, list(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -17,9 +17,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from studio.core.errors import ModelSourceError, first_line
+from studio.core.progress import Progress, ProgressCallback, ignore
 
 SourceKind = Literal["default", "folder", "gguf", "hub", "config"]
 Task = Literal["causal-lm", "seq-cls"]
@@ -62,15 +63,6 @@ class ModelSource:
         return self.location
 
 
-@dataclass(frozen=True)
-class LoadProgress:
-    """A loading stage: `fraction` runs from 0 to 1."""
-
-    stage: str
-    fraction: float
-    message: str
-
-
 @dataclass
 class LoadedModel:
     model: Any  # torch.nn.Module (a PreTrainedModel); Any keeps torch out of import time
@@ -88,7 +80,7 @@ class LoadedModel:
         return self.source.display_name
 
 
-ProgressCallback = Callable[[LoadProgress], None]
+LoadProgress = Progress  # the name main_window.py still imports; it goes when that imports studio.core.progress
 
 
 def require_weights(loaded: LoadedModel, purpose: str) -> None:
@@ -177,13 +169,13 @@ def open_model(
     `quantization` ("4bit" / "8bit") loads the weights through bitsandbytes and needs CUDA.
     `plan_only` builds the model on the meta device (no weights) even when weights exist.
     """
-    report = on_progress or (lambda _p: None)
+    report = on_progress or ignore
     src = source if isinstance(source, ModelSource) else resolve_source(source)
     if task not in ("causal-lm", "seq-cls"):
         raise ModelSourceError(f"unknown task {task!r}: use causal-lm or seq-cls")
     if task == "seq-cls" and num_labels < 2:
         raise ModelSourceError("a classification model needs at least 2 labels")
-    report(LoadProgress("resolve", 0.02, f"Opening {src.display_name}"))
+    report(Progress("resolve", 0.02, f"Opening {src.display_name}"))
 
     import torch  # heavy imports stay out of module import time
 
@@ -200,9 +192,9 @@ def open_model(
         return _open_plan_only(src, task, num_labels, trust_remote_code, report)
 
     folder, tokenizer_folder = _weights_folder(src, trust_remote_code, report)
-    report(LoadProgress("tokenizer", 0.55, "Reading the tokenizer"))
+    report(Progress("tokenizer", 0.55, "Reading the tokenizer"))
     tokenizer = _load_tokenizer(tokenizer_folder, src, trust_remote_code)
-    report(LoadProgress("weights", 0.65, "Reading the weights"))
+    report(Progress("weights", 0.65, "Reading the weights"))
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if quantization is not None:
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
@@ -216,7 +208,7 @@ def open_model(
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    report(LoadProgress("ready", 1.0, f"{src.display_name} is ready"))
+    report(Progress("ready", 1.0, f"{src.display_name} is ready"))
     return LoadedModel(model, tokenizer, src, task, False, dtype, device, quantization, str(folder))
 
 
@@ -262,7 +254,7 @@ def _open_plan_only(
     import torch
     from transformers import AutoConfig
 
-    report(LoadProgress("config", 0.3, "Reading the configuration"))
+    report(Progress("config", 0.3, "Reading the configuration"))
     location = src.location
     if src.kind in ("default", "gguf"):
         location, _ = _weights_folder(src, trust_remote_code, report)
@@ -275,7 +267,7 @@ def _open_plan_only(
         raise ModelSourceError(f"cannot read the configuration of {src.display_name}: {first_line(exc)}") from exc
     if task == "seq-cls":
         config.num_labels = num_labels
-    report(LoadProgress("build", 0.6, "Building the module tree on the meta device"))
+    report(Progress("build", 0.6, "Building the module tree on the meta device"))
     from transformers.initialization import no_init_weights
 
     try:
@@ -284,7 +276,7 @@ def _open_plan_only(
     except (ValueError, KeyError) as exc:
         raise ModelSourceError(f"cannot build {src.display_name} from its config: {first_line(exc)}") from exc
     model.tie_weights()  # skipped under no_init_weights; tied embeddings must count once, as with real weights
-    report(LoadProgress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
+    report(Progress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
     dtype = str(getattr(config, "dtype", None) or "float32")
     return LoadedModel(model, None, src, task, True, dtype.replace("torch.", ""), "meta")
 
@@ -330,7 +322,7 @@ def _hub_snapshot(repo_id: str, report: ProgressCallback) -> str:
         return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
-    report(LoadProgress("download", 0.1, f"Downloading {repo_id} from the hub"))
+    report(Progress("download", 0.1, f"Downloading {repo_id} from the hub"))
     try:
         return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types for "offline" or "not found"
@@ -347,12 +339,12 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool, report: ProgressCallbac
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    report(LoadProgress("convert", 0.1, f"De-quantizing {gguf.name} (once; later opens are instant)"))
+    report(Progress("convert", 0.1, f"De-quantizing {gguf.name} (once; later opens are instant)"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        report(LoadProgress("convert", 0.25, "De-quantizing the weights"))
+        report(Progress("convert", 0.25, "De-quantizing the weights"))
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code
         )
@@ -362,7 +354,7 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool, report: ProgressCallbac
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    report(LoadProgress("convert", 0.45, "Saving the converted weights to the cache"))
+    report(Progress("convert", 0.45, "Saving the converted weights to the cache"))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:

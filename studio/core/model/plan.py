@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from studio.core.errors import PlanError
+from studio.core.model.adapter_keys import lora_keys, saved_key
 from studio.core.model.inventory import DTYPE_BYTES, SEQ_CLS_HEAD_NAMES, ModuleTree
 
 Variant = Literal["lora", "rslora", "dora"]
@@ -30,14 +31,17 @@ ADAPTER_DTYPE = "float32"  # PEFT keeps adapter weights in float32 (autocast_ada
 class LoraPlan:
     """What to adapt and how. Module names are full names from the module tree."""
 
-    targets: tuple[str, ...]
+    targets: tuple[str, ...] = field(metadata={"help": (
+        "The modules to adapt: a preset (attention, mlp, all-linear, peft-default) or comma-separated module names, "
+        "leaf names (q_proj), globs (model.layers.1*.mlp.*) or re:REGEX; a plan holds the full names they select")})
     rank: int = 8
     alpha: float = 16.0
     rank_overrides: Mapping[str, int] = field(default_factory=dict)
     alpha_overrides: Mapping[str, float] = field(default_factory=dict)
     dropout: float = 0.05
     bias: BiasMode = "none"
-    variant: Variant = "lora"
+    variant: Variant = field(default="lora", metadata={"help": (
+        "lora, rslora (alpha/√r scaling) or dora (weight-decomposed: a magnitude and a direction)")})
     init: InitMethod = "default"
     modules_to_save: tuple[str, ...] = ()
 
@@ -90,7 +94,7 @@ class PlanCounts:
     dora: int  # magnitude vectors
     bias: int  # base biases made trainable
     saved_modules: int  # full trainable copies (modules_to_save)
-    adapter_bytes: int  # size of adapter_model.safetensors as PEFT writes it
+    adapter_bytes: int  # size of the adapter's safetensors file as PEFT writes it
     modules: int  # number of adapted modules
 
     @property
@@ -167,20 +171,11 @@ def count(tree: ModuleTree, plan: LoraPlan) -> PlanCounts:
         n_in, n_out = int(info.in_features or 0), int(info.out_features or 0)
         a, b = r * n_in, n_out * r
         lora += a + b
-        prefix = f"base_model.model.{name}"
-        if info.kind == "embedding":
-            tensors += [
-                (f"{prefix}.lora_embedding_A", ADAPTER_DTYPE, (r, n_in)),
-                (f"{prefix}.lora_embedding_B", ADAPTER_DTYPE, (n_out, r)),
-            ]
-        else:
-            tensors += [
-                (f"{prefix}.lora_A.weight", ADAPTER_DTYPE, (r, n_in)),
-                (f"{prefix}.lora_B.weight", ADAPTER_DTYPE, (n_out, r)),
-            ]
+        a_key, b_key = lora_keys(name, embedding=info.kind == "embedding")
+        tensors += [(a_key, ADAPTER_DTYPE, (r, n_in)), (b_key, ADAPTER_DTYPE, (n_out, r))]
         if plan.variant == "dora":
             dora += n_out
-            tensors.append((f"{prefix}.lora_magnitude_vector", ADAPTER_DTYPE, (n_out,)))
+            tensors.append((saved_key(f"{name}.lora_magnitude_vector"), ADAPTER_DTYPE, (n_out,)))
 
     bias = 0
     adapted_set = set(adapted)
@@ -190,7 +185,7 @@ def count(tree: ModuleTree, plan: LoraPlan) -> PlanCounts:
         if info.bias_params and not _inside(name, saved_set):
             bias += info.bias_params
             wrapped = ".base_layer" if name in adapted_set else ""
-            tensors.append((f"base_model.model.{name}{wrapped}.bias", info.dtype, (info.bias_params,)))
+            tensors.append((saved_key(f"{name}{wrapped}.bias"), info.dtype, (info.bias_params,)))
 
     saved_params = 0
     for root in saved:
@@ -201,7 +196,7 @@ def count(tree: ModuleTree, plan: LoraPlan) -> PlanCounts:
                 # PEFT's bias="all" filter also picks up the wrapper's own two copies of a saved module's bias
                 rest = sub[len(root):]
                 for copy in ("modules_to_save", "original_module"):
-                    key = f"base_model.model.{root}.{copy}{rest}.bias"
+                    key = saved_key(f"{root}.{copy}{rest}.bias")
                     tensors.append((key, tree[sub].dtype, (tree[sub].bias_params,)))
     trainable = lora + dora + bias + saved_params
     total = tree.total_params + lora + dora + saved_params
@@ -240,7 +235,7 @@ def _excluded_by_saved(tree: ModuleTree, patterns: list[str]) -> set[str]:
 
 def _saved_tensors(tree: ModuleTree, sub: str) -> list[tuple[str, str, tuple[int, ...]]]:
     info = tree[sub]
-    key = f"base_model.model.{sub}"
+    key = saved_key(sub)
     out = []
     if info.bias_params:
         out.append((f"{key}.bias", info.dtype, (info.bias_params,)))

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studio.core import run_layout
 from studio.core.files import write_atomic
 from studio.core.runconfig import RunConfig
+
+TRAINER_STATE = "trainer_state.json"  # a checkpoint's RunState
 
 
 @dataclass
@@ -34,11 +37,8 @@ class RunState:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's newest complete checkpoint folder (one with its trainer_state.json), or None."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(
-        (int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()
-    ) if folder.is_dir() else []
-    return steps[-1][1] if steps else None
+    complete = [path for path in run_layout.checkpoint_folders(run_dir) if (path / TRAINER_STATE).is_file()]
+    return complete[-1] if complete else None
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState,
@@ -50,20 +50,20 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
 
     from studio.core.adapters.saving import save_adapter
 
-    folder = run_dir / "checkpoints"
+    folder = run_dir / run_layout.CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"step-{state.step}"
-    staging = folder / f".step-{state.step}.partial"
+    target = folder / run_layout.checkpoint_name(state.step)
+    staging = folder / f".{target.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
+    save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, staging / "rng.pt")
-    (staging / "trainer_state.json").write_text(json.dumps({
+    (staging / TRAINER_STATE).write_text(json.dumps({
         "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
         "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
         "processes": state.processes,
@@ -72,14 +72,13 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         shutil.rmtree(target)
     staging.rename(target)
     if keep > 0:
-        steps = sorted((int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*"))
-        for _, old in steps[:-keep]:
+        for old in run_layout.checkpoint_folders(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def read_state(checkpoint: Path) -> RunState:
-    data = json.loads((checkpoint / "trainer_state.json").read_text())
+    data = json.loads((checkpoint / TRAINER_STATE).read_text())
     return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
                     last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
                     last_score=data.get("last_score"), processes=int(data.get("processes", 1)))
@@ -89,10 +88,10 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
+    from studio.core.adapters.folder import read_adapter_tensors
+
+    set_peft_model_state_dict(model, read_adapter_tensors(checkpoint / run_layout.ADAPTER))
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     rng = torch.load(checkpoint / "rng.pt", weights_only=False)
@@ -108,7 +107,7 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint so the curves continue without duplicates."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / run_layout.METRICS
     if not path.is_file():
         return
     kept = []

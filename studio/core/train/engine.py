@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
+from studio.core import run_layout
 from studio.core.errors import StudioError, TrainingError, first_line
 from studio.core.files import write_atomic
+from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
 from studio.core.train.checkpoints import (
@@ -82,7 +84,7 @@ def train(
         emit_to_caller = lambda _e: None  # noqa: E731 - listeners hear the main process only
     if resume_from is not None:
         checkpoint = Path(resume_from)
-        if (checkpoint / "run.yaml").is_file():
+        if is_run_folder(checkpoint):
             run_dir = checkpoint
             checkpoint = latest_checkpoint(checkpoint)  # type: ignore[assignment]
             if checkpoint is None:
@@ -99,7 +101,7 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             clear_request(run_dir)
             if checkpoint is None:
-                write_atomic(run_dir / "run.yaml", dump(config))
+                write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
             else:
                 truncate_metrics(run_dir, read_state(checkpoint).step)
     except (OSError, StudioError) as exc:
@@ -424,7 +426,7 @@ def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
 def _save_checkpoint(run: _Run) -> Path:
     """The main process writes the checkpoint (every process holds the same adapter and optimizer state); the
     others wait until it is complete."""
-    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    path = run.run_dir / run_layout.CHECKPOINTS / run_layout.checkpoint_name(run.state.step)
     if run.procs.is_main:
         path = save_checkpoint(run.run_dir, run.trainable, run.optimizer, run.scheduler, run.state,
                                run.config.training.keep_checkpoints, run.config)
@@ -487,11 +489,11 @@ def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
     state = run.state
     if stopped and state.step > 0:
         emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
-    adapter_dir = run.run_dir / "adapter"
+    adapter_dir = run.run_dir / run_layout.ADAPTER
     if run.procs.is_main:
         save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
         if run.tokenizer is not None:
-            _save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
+            _save_tokenizer(run.tokenizer, run.run_dir / run_layout.TOKENIZER)
     run.procs.barrier()
     finished = ev.Finished(
         step=state.step, run_dir=str(run.run_dir), adapter_dir=str(adapter_dir), stopped_early=stopped,
@@ -522,7 +524,7 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
 def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: TrainControl | None = None,
            *, max_steps: int | None = None) -> ev.Finished | ev.Failed:
     """Continue a run from its latest checkpoint (optionally with a new step budget)."""
-    config = load(Path(run_dir) / "run.yaml")
+    config = load(Path(run_dir) / run_layout.RUN_FILE)
     if max_steps is not None:
         config = replace(config, training=replace(config.training, max_steps=max_steps))
     return train(config, on_event, control, resume_from=run_dir)

@@ -31,6 +31,7 @@ from studio.core import events as ev
 from studio.core.errors import TrainingError
 from studio.core.logs import state_dir
 from studio.core.resources import resources_root
+from studio.core.run_layout import is_run_folder
 from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.control import TrainControl
 from studio.core.train.processes import write_request
@@ -135,7 +136,7 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     if checkpoint is not None:
         message += f"; its last checkpoint is {checkpoint.name}: `lora-studio resume {run_dir} --gpus {launch.processes}`"
     failed = ev.Failed(message, read_state(checkpoint).step if checkpoint else 0, str(checkpoint) if checkpoint else None)
-    if (run_dir / "run.yaml").is_file():
+    if is_run_folder(run_dir):
         recorder = ev.Recorder(run_dir, on_event)
         recorder(failed)
         recorder.close()

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from studio.core import events as ev
+from studio.core import run_layout
+from studio.core.adapters.folder import run_adapter
 from studio.core.runconfig import load
 from studio.core.train.checkpoints import latest_checkpoint
 
@@ -42,15 +44,7 @@ class RunSummary:
         return run_adapter(self.folder)
 
 
-def run_adapter(run_dir: Path) -> Path | None:
-    """The run's final adapter, else its newest checkpoint's; None before either exists."""
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return run_dir / "adapter"
-    checkpoint = latest_checkpoint(run_dir)
-    return checkpoint / "adapter" if checkpoint is not None else None
-
-
-def read_records(folder: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+def read_records(folder: Path, name: str = run_layout.METRICS) -> list[dict[str, Any]]:
     """The event records of a run file; a line cut short by a crash is skipped."""
     path = folder / name
     if not path.is_file():
@@ -95,7 +89,7 @@ def latest_history(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 def read_run(folder: Path) -> RunSummary:
     """Summarise a run folder. Raises StudioError when its run.yaml is missing or unreadable."""
-    config = load(folder / "run.yaml")
+    config = load(folder / run_layout.RUN_FILE)
     records = read_records(folder)
     steps, evals = latest_history(records)
     last_end = next((r for r in reversed(records) if r.get("event") in ("Finished", "Failed")), None)

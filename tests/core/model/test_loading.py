@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from studio.core.errors import ModelSourceError
-from studio.core.model.loading import LoadProgress, open_model, resolve_source
+from studio.core.model.loading import open_model, resolve_source
+from studio.core.progress import Progress
 
 LLAMA_70B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
@@ -31,7 +32,7 @@ def test_default_model_opens_from_the_installed_package_and_answers(default_mode
 def test_default_model_reopens_from_its_converted_cache(default_model):
     weights = Path(default_model.folder, "model.safetensors")
     written = weights.stat().st_mtime_ns
-    stages: list[LoadProgress] = []
+    stages: list[Progress] = []
     again = open_model("default", on_progress=stages.append)
     # the GGUF de-quantisation (~35 s) happens once per machine: no "convert" stage, the same file reused
     assert again.folder == default_model.folder and weights.stat().st_mtime_ns == written
@@ -46,7 +47,7 @@ def test_plan_mode_opens_a_70b_config_without_weights(tmp_path):
     path = tmp_path / "llama-70b" / "config.json"
     path.parent.mkdir()
     path.write_text(json.dumps(LLAMA_70B))
-    stages: list[LoadProgress] = []
+    stages: list[Progress] = []
     loaded = open_model(str(path.parent), on_progress=stages.append)
     assert loaded.plan_only and loaded.tokenizer is None and loaded.display_name == "llama-70b"
     params = list(loaded.model.parameters())
