@@ -289,9 +289,6 @@ class MainWindow(QMainWindow):
     def recent_models(self) -> list[str]:
         return self.file_menu.recent_models.entries()
 
-    def _remember_recent(self, spec: str) -> None:
-        self.file_menu.recent_models.remember(spec)
-
     def versions(self) -> list[str]:
         """The studio's and its libraries' versions ("name 1.2.3"), as About and a bug report show them."""
         from studio import __version__
