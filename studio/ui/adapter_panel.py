@@ -277,11 +277,12 @@ class AdapterPanel(QWidget):
         except PlanError as exc:
             return PlanNumbers(None, None, None, str(exc))
         m = self._memory
-        est = estimate(tree, plan, batch_size=m.batch_size, seq_len=m.seq_len, quantization=m.quantization,
+        counts = count(tree, plan)
+        est = estimate(tree, plan, counts, batch_size=m.batch_size, seq_len=m.seq_len, quantization=m.quantization,
                        gradient_checkpointing=m.gradient_checkpointing)
         fit = judge(est, self._machine.gpu_bytes, gradient_checkpointing=m.gradient_checkpointing,
                     quantization=m.quantization, batch_size=m.batch_size)
-        return PlanNumbers(count(tree, plan), est, fit)
+        return PlanNumbers(counts, est, fit)
 
     @Slot(object)
     def _on_state_plan_changed(self, plan: LoraPlan) -> None:
