@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.errors import StudioError
 from studio.core.events import Failed, Finished, ModuleSpectrum
 from studio.core.model.loading import LoadProgress
 from studio.ui.adapter_actions import AdapterActions
@@ -109,6 +110,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addWidget(self.status_label, 1)
         self.statusBar().addPermanentWidget(self.progress_bar)
         self._build_menus()
+        self._connect_file_menu()
         self._connect_panels()
         self.resize(1440, 900)
         self._restore_settings()
@@ -140,7 +142,7 @@ class MainWindow(QMainWindow):
         return self.tabs.currentWidget().widget()
 
     def _build_menus(self) -> None:
-        self.file_menu = FileMenu(self, self.menuBar().addMenu("&File"), self.settings)
+        self.file_menu = FileMenu(self, self.menuBar().addMenu("&File"), self.settings, self.train_panel.runs_dir)
         self.open_actions = self.file_menu.open_actions
         self.adapter_actions = AdapterActions(self, self.menuBar().addMenu("&Adapter"), self.settings)
         self.adapter_actions.sig_spectra_loaded.connect(self._on_spectra_requested)
@@ -154,6 +156,43 @@ class MainWindow(QMainWindow):
         copy.setToolTip("For a bug report: the studio's and its libraries' versions, the system and the device")
         if self._log_path is not None:
             self._action(help_menu, "Open the &log file's folder", self._on_open_log_folder_triggered)
+
+    def _connect_file_menu(self) -> None:
+        """What the File menu asks for, done by the panels that do it."""
+        menu = self.file_menu
+        menu.sig_open_model_requested.connect(self.open_model)
+        menu.sig_choose_data_requested.connect(self._on_choose_data_requested)
+        menu.sig_open_data_requested.connect(self._on_open_data_requested)
+        menu.sig_open_run_requested.connect(self.open_run)
+        menu.sig_save_config_requested.connect(self._on_save_config_requested)
+        menu.sig_quit_requested.connect(self.close)
+        self.data_panel.sig_analysed.connect(menu.remember_data)
+
+    @Slot()
+    def _on_choose_data_requested(self) -> None:
+        self.show_panel(self.data_panel)
+        self.data_panel.choose_file()
+
+    @Slot(str)
+    def _on_open_data_requested(self, path: str) -> None:
+        self.show_panel(self.data_panel)
+        self.data_panel.open_file(path)
+
+    @Slot()
+    def _on_save_config_requested(self) -> None:
+        self.show_panel(self.train_panel)  # where a reason it cannot be saved yet shows
+        self.train_panel.save_config()
+
+    def open_run(self, folder: str) -> bool:
+        """Show `folder` selected in the Runs tab; a folder that is not a readable run gets a one-line dialog."""
+        try:
+            self.runs_panel.open_run(folder)
+        except StudioError as exc:
+            self.show_error("Cannot open the run", str(exc))
+            return False
+        self.file_menu.remember_run(folder)
+        self.show_panel(self.runs_panel)
+        return True
 
     def _connect_panels(self) -> None:
         """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
