@@ -183,16 +183,22 @@ class MainWindow(QMainWindow):
         self.show_panel(self.train_panel)  # where a reason it cannot be saved yet shows
         self.train_panel.save_config()
 
-    def open_run(self, folder: str) -> bool:
-        """Show `folder` selected in the Runs tab; a folder that is not a readable run gets a one-line dialog."""
+    @Slot(str)
+    def open_run(self, folder: str) -> None:
+        """Show `folder` selected in the Runs tab once it is read, or a one-line dialog saying why it cannot be."""
         try:
             self.runs_panel.open_run(folder)
         except StudioError as exc:
-            self.show_error("Cannot open the run", str(exc))
-            return False
+            self._on_run_open_failed(str(exc))
+
+    @Slot(str)
+    def _on_run_opened(self, folder: str) -> None:
         self.file_menu.remember_run(folder)
         self.show_panel(self.runs_panel)
-        return True
+
+    @Slot(str)
+    def _on_run_open_failed(self, why: str) -> None:
+        self.show_error("Cannot open the run", why)
 
     def _connect_panels(self) -> None:
         """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
@@ -212,6 +218,8 @@ class MainWindow(QMainWindow):
         session = self.train_panel.session
         session.sig_event.connect(self.spectrum_panel.on_training_event)
         session.sig_finished.connect(self._on_training_finished)
+        self.runs_panel.sig_run_opened.connect(self._on_run_opened)
+        self.runs_panel.sig_run_open_failed.connect(self._on_run_open_failed)
         self.runs_panel.sig_resume_requested.connect(self._on_resume_requested)
         self.runs_panel.sig_spectra_requested.connect(self._on_spectra_requested)
         self.runs_panel.sig_export_requested.connect(self.adapter_actions.export_run)
