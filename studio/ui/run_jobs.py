@@ -74,9 +74,6 @@ class RunJobs(QObject):
         self._curves: set[str] = set()
         self._spectrum: Path | None = None
 
-    def is_busy(self) -> bool:
-        return self._job is not None
-
     def is_listing(self) -> bool:
         return self._running_kind == "listing" or self._listing is not None
 
