@@ -50,7 +50,8 @@ def main() -> None:
     tree = inventory.build(loaded.model)
     plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32)
     count_ms = median_ms(lambda: count(tree, plan), 50)
-    estimate_ms = median_ms(lambda: memory.estimate(tree, plan, batch_size=4, seq_len=4096), 50)
+    counts = count(tree, plan)
+    estimate_ms = median_ms(lambda: memory.estimate(tree, plan, counts, batch_size=4, seq_len=4096), 50)
 
     def peft_count():
         get_peft_model(copy.deepcopy(loaded.model), to_peft_config(plan, tree)).get_nb_trainable_parameters()

@@ -111,13 +111,14 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
 def estimate_gib(folder: Path, seq: int, batch: int, mode: str = "lora") -> float:
     from studio.core.model import inventory, memory
     from studio.core.model.loading import open_model
-    from studio.core.model.plan import LoraPlan
+    from studio.core.model.plan import LoraPlan, count
 
     loaded = open_model(str(folder), plan_only=True)
     tree = inventory.build(loaded.model)
     plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32, dropout=0.0)
     quantization = "4bit" if mode == "qlora" else None
-    return memory.estimate(tree, plan, batch_size=batch, seq_len=seq, quantization=quantization).allocated / 2**30
+    est = memory.estimate(tree, plan, count(tree, plan), batch_size=batch, seq_len=seq, quantization=quantization)
+    return est.allocated / 2**30
 
 
 def main() -> None:

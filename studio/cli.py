@@ -265,7 +265,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     plan = _plan_from_args(tree, args)
     counts = count(tree, plan)
     est = memory.estimate(
-        tree, plan, batch_size=args.batch_size, seq_len=args.seq_len,
+        tree, plan, counts, batch_size=args.batch_size, seq_len=args.seq_len,
         quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing,
     )
     if args.json:

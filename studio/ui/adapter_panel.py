@@ -29,10 +29,10 @@ from PySide6.QtWidgets import (
 from studio.core.errors import PlanError
 from studio.core.model.memory import Fit, MemoryEstimate, estimate, judge
 from studio.core.model.plan import LoraPlan, PlanCounts, count, validate
+from studio.core.units import human_bytes
 from studio.ui.memory_bar import MemoryBar
 from studio.ui.model_loader import Machine
 from studio.ui.plan_state import PlanState
-from studio.ui.units import human_bytes
 
 MAX_SLIDER_POWER = 9  # the rank slider runs over 1, 2, 4 ... 512
 VARIANTS = (("LoRA", "lora"), ("rsLoRA", "rslora"), ("DoRA", "dora"))
@@ -277,11 +277,12 @@ class AdapterPanel(QWidget):
         except PlanError as exc:
             return PlanNumbers(None, None, None, str(exc))
         m = self._memory
-        est = estimate(tree, plan, batch_size=m.batch_size, seq_len=m.seq_len, quantization=m.quantization,
+        counts = count(tree, plan)
+        est = estimate(tree, plan, counts, batch_size=m.batch_size, seq_len=m.seq_len, quantization=m.quantization,
                        gradient_checkpointing=m.gradient_checkpointing)
         fit = judge(est, self._machine.gpu_bytes, gradient_checkpointing=m.gradient_checkpointing,
                     quantization=m.quantization, batch_size=m.batch_size)
-        return PlanNumbers(count(tree, plan), est, fit)
+        return PlanNumbers(counts, est, fit)
 
     @Slot(object)
     def _on_state_plan_changed(self, plan: LoraPlan) -> None:

@@ -27,8 +27,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.errors import StudioError
 from studio.core.events import Failed, Finished, ModuleSpectrum
-from studio.core.model.loading import LoadProgress
+from studio.core.progress import Progress
+from studio.core.units import human_count
 from studio.ui.adapter_actions import AdapterActions
 from studio.ui.adapter_panel import AdapterPanel
 from studio.ui.data_panel import DataPanel
@@ -41,7 +43,6 @@ from studio.ui.playground import Playground
 from studio.ui.runs_panel import RunsPanel
 from studio.ui.spectrum_panel import SpectrumPanel
 from studio.ui.train_panel import TrainPanel
-from studio.ui.units import human_count
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 ORGANIZATION = "LoRA Studio"
@@ -109,6 +110,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addWidget(self.status_label, 1)
         self.statusBar().addPermanentWidget(self.progress_bar)
         self._build_menus()
+        self._connect_file_menu()
         self._connect_panels()
         self.resize(1440, 900)
         self._restore_settings()
@@ -140,7 +142,7 @@ class MainWindow(QMainWindow):
         return self.tabs.currentWidget().widget()
 
     def _build_menus(self) -> None:
-        self.file_menu = FileMenu(self, self.menuBar().addMenu("&File"), self.settings)
+        self.file_menu = FileMenu(self, self.menuBar().addMenu("&File"), self.settings, self.train_panel.runs_dir)
         self.open_actions = self.file_menu.open_actions
         self.adapter_actions = AdapterActions(self, self.menuBar().addMenu("&Adapter"), self.settings)
         self.adapter_actions.sig_spectra_loaded.connect(self._on_spectra_requested)
@@ -154,6 +156,49 @@ class MainWindow(QMainWindow):
         copy.setToolTip("For a bug report: the studio's and its libraries' versions, the system and the device")
         if self._log_path is not None:
             self._action(help_menu, "Open the &log file's folder", self._on_open_log_folder_triggered)
+
+    def _connect_file_menu(self) -> None:
+        """What the File menu asks for, done by the panels that do it."""
+        menu = self.file_menu
+        menu.sig_open_model_requested.connect(self.open_model)
+        menu.sig_choose_data_requested.connect(self._on_choose_data_requested)
+        menu.sig_open_data_requested.connect(self._on_open_data_requested)
+        menu.sig_open_run_requested.connect(self.open_run)
+        menu.sig_save_config_requested.connect(self._on_save_config_requested)
+        menu.sig_quit_requested.connect(self.close)
+        self.data_panel.sig_analysed.connect(menu.remember_data)
+
+    @Slot()
+    def _on_choose_data_requested(self) -> None:
+        self.show_panel(self.data_panel)
+        self.data_panel.choose_file()
+
+    @Slot(str)
+    def _on_open_data_requested(self, path: str) -> None:
+        self.show_panel(self.data_panel)
+        self.data_panel.open_file(path)
+
+    @Slot()
+    def _on_save_config_requested(self) -> None:
+        self.show_panel(self.train_panel)  # where a reason it cannot be saved yet shows
+        self.train_panel.save_config()
+
+    @Slot(str)
+    def open_run(self, folder: str) -> None:
+        """Show `folder` selected in the Runs tab once it is read, or a one-line dialog saying why it cannot be."""
+        try:
+            self.runs_panel.open_run(folder)
+        except StudioError as exc:
+            self._on_run_open_failed(str(exc))
+
+    @Slot(str)
+    def _on_run_opened(self, folder: str) -> None:
+        self.file_menu.remember_run(folder)
+        self.show_panel(self.runs_panel)
+
+    @Slot(str)
+    def _on_run_open_failed(self, why: str) -> None:
+        self.show_error("Cannot open the run", why)
 
     def _connect_panels(self) -> None:
         """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
@@ -173,6 +218,8 @@ class MainWindow(QMainWindow):
         session = self.train_panel.session
         session.sig_event.connect(self.spectrum_panel.on_training_event)
         session.sig_finished.connect(self._on_training_finished)
+        self.runs_panel.sig_run_opened.connect(self._on_run_opened)
+        self.runs_panel.sig_run_open_failed.connect(self._on_run_open_failed)
         self.runs_panel.sig_resume_requested.connect(self._on_resume_requested)
         self.runs_panel.sig_spectra_requested.connect(self._on_spectra_requested)
         self.runs_panel.sig_export_requested.connect(self.adapter_actions.export_run)
@@ -227,7 +274,7 @@ class MainWindow(QMainWindow):
         return job
 
     @Slot(object)
-    def _on_loader_progress(self, progress: LoadProgress) -> None:
+    def _on_loader_progress(self, progress: Progress) -> None:
         self.progress_bar.setValue(int(1000 * progress.fraction))
         self.status_label.setText(progress.message)
 
@@ -288,9 +335,6 @@ class MainWindow(QMainWindow):
 
     def recent_models(self) -> list[str]:
         return self.file_menu.recent_models.entries()
-
-    def _remember_recent(self, spec: str) -> None:
-        self.file_menu.recent_models.remember(spec)
 
     def versions(self) -> list[str]:
         """The studio's and its libraries' versions ("name 1.2.3"), as About and a bug report show them."""

@@ -7,7 +7,7 @@ from PySide6.QtGui import QColor, QPainter, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from studio.core.model.memory import MemoryEstimate
-from studio.ui.units import human_bytes
+from studio.core.units import human_bytes
 
 PART_COLOURS = (QColor("#4e79a7"), QColor("#f28e2b"), QColor("#59a14f"), QColor("#9c9c9c"))
 BAR_HEIGHT = 22

@@ -179,10 +179,6 @@ class TrainingPlots(QWidget):
         self.timer.timeout.connect(self.redraw)
 
     @property
-    def loss_widget(self) -> pg.PlotWidget:
-        return self.widgets[0]
-
-    @property
     def memory_widget(self) -> pg.PlotWidget:
         return self.widgets[3]
 

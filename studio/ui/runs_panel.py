@@ -3,8 +3,9 @@ run…), with what it trained and how it ended; tick runs to overlay their loss 
 validation dashed with squares, one colour per run), and act on the selected one: resume it, look at its
 adapter's spectra, export its adapter or merge it into its base.
 
-Reading a run folder (core/train/run_folder.py) is plain file work, done when the panel is shown or refreshed: a run
-holds a line per step, so even long runs read in milliseconds.
+The panel reads only what it shows, and never on the UI thread (run_jobs.py): the list's summaries when it is
+shown or refreshed, the curves of the runs that are ticked, the last spectrum snapshot when asked for. The table
+fills when the listing arrives; ticks and the selection on runs that are still there stay.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import StudioError
-from studio.core.train.run_folder import RunSummary, event_from, read_records, read_run
-from studio.ui.plots import DOTS_UP_TO, PALETTE, step_plot
+from studio.core.run_layout import is_run_folder
+from studio.core.train.run_folder import RunCurves, RunSummary
+from studio.ui.loss_overlay import LossOverlay, Overlaid
+from studio.ui.plots import PALETTE
+from studio.ui.run_jobs import LastSpectrum, RunJobs, RunListing
 
 # how a run ended comes first: the panel is often narrower than the whole row
 COLUMNS = ("Run", "Status", "Final loss", "Score", "Steps", "Model", "Targets · rank", "Data")
 ROW_HINT = "Tick to overlay its loss curves; double-click to tick it and draw its curves in bold"
 NO_ADAPTER = "This run saved no adapter and no checkpoint yet: nothing to export or merge"
-WIDTH, SELECTED_WIDTH = 1.5, 3.0  # the selected run's curves stand out
 
 
 class RunsPanel(QWidget):
@@ -43,16 +46,24 @@ class RunsPanel(QWidget):
     sig_spectra_requested = Signal(object, str)  # (tuple of ModuleSpectrum, where they come from)
     sig_export_requested = Signal(object)  # RunSummary whose adapter to export
     sig_merge_requested = Signal(object)  # RunSummary whose adapter to merge into its base
+    sig_listed = Signal()  # the table shows a new listing
+    sig_run_opened = Signal(str)  # a folder given to open_run is listed and selected
+    sig_run_open_failed = Signal(str)  # the one line saying why a folder given to open_run cannot be listed
 
     def __init__(self, runs_folder: Callable[[], Path], parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._runs_folder = runs_folder
         self._opened: list[Path] = []  # run folders opened from outside the runs folder
+        self._opening: list[Path] = []  # given to open_run, waiting for a listing that looked at them
         self._actions_busy = False  # an export or merge is running (one at a time)
         self.runs: list[RunSummary] = []
-        self.plot_widget: pg.PlotWidget | None = None  # built on first show (see plots.py on why)
-        self.curves: dict[str, pg.PlotDataItem] = {}
-        self.val_curves: dict[str, pg.PlotDataItem] = {}
+        self._curves_read: dict[str, RunCurves] = {}  # by run folder, for runs ticked since the last listing
+        self.overlay = LossOverlay(self)
+        self.jobs = RunJobs(self)
+        self.jobs.sig_listed.connect(self._on_jobs_listed)
+        self.jobs.sig_curves_read.connect(self._on_jobs_curves_read)
+        self.jobs.sig_spectrum_read.connect(self._on_jobs_spectrum_read)
+        self.jobs.sig_failed.connect(self._on_jobs_failed)
         self.folder_label = QLabel()
         self.folder_label.setWordWrap(True)
         refresh = QPushButton("Refresh")
@@ -96,10 +107,8 @@ class RunsPanel(QWidget):
 
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
         super().showEvent(event)
-        if self.plot_widget is None:
-            self.plot_widget = step_plot("Loss of the ticked runs: training (line), validation (dashed, ■)", "loss")
-            self.plot_widget.getPlotItem().addLegend(offset=(-10, 10))
-            self.split.addWidget(self.plot_widget)
+        if self.overlay.widget is None:
+            self.split.addWidget(self.overlay.build())
             self.split.setSizes([200, 500])  # the list scrolls; the curves need the room
         self.refresh()
 
@@ -107,21 +116,48 @@ class RunsPanel(QWidget):
 
     @Slot()
     def refresh(self) -> None:
-        """Read the run folders again (ticks and the selection on runs that are still there stay)."""
+        """Read the run folders again, off the UI thread; the table fills when they have been read."""
         folder = self._runs_folder()
+        self.folder_label.setText(f"Runs in <b>{folder}</b>")
+        if not self.runs:
+            self.message_label.setText("Reading the run folders…")
+        self.jobs.list_runs(folder, self._opened)
+
+    def is_listing(self) -> bool:
+        return self.jobs.is_listing()
+
+    @Slot(object)
+    def _on_jobs_listed(self, listing: RunListing) -> None:
+        looked_at = {p.resolve() for p in listing.opened}
+        opened = [p for p in self._opening if p.resolve() in looked_at]
+        self._opening = [p for p in self._opening if p.resolve() not in looked_at]
+        failed = {p.resolve(): why for p, why in listing.unreadable}
+        self._opened = [p for p in self._opened if p.resolve() not in failed]
+        self._fill_table(list(listing.runs))
+        unreadable = len(listing.unreadable)
+        skipped = f" ({unreadable} folder(s) with an unreadable run.yaml left out)" if unreadable else ""
+        self.message_label.setText(f"{len(self.runs)} run(s){skipped}" if self.runs or skipped else
+                                   "No runs yet: start one in the Train tab")
+        self.jobs.read_curves(self.ticked_runs())  # the runs may have grown since their curves were read
+        self._draw_curves()
+        self._update_buttons()
+        self.sig_listed.emit()
+        listed = {run.folder.resolve() for run in self.runs}
+        for folder in opened:
+            if folder.resolve() in listed:
+                self.select_run(folder)
+                self.sig_run_opened.emit(str(folder))
+            else:
+                self.sig_run_open_failed.emit(
+                    failed.get(folder.resolve(), f"{folder} is not a run folder: it holds no run.yaml"))
+
+    def _fill_table(self, runs: list[RunSummary]) -> None:
+        """One row per run; ticks and the selection on runs that are still there stay."""
         ticked = set(self.ticked_runs())
         selected = self.selected_run()
-        self.folder_label.setText(f"Runs in <b>{folder}</b>")
-        candidates = [p for p in folder.iterdir() if (p / "run.yaml").is_file()] if folder.is_dir() else []
-        inside = {p.resolve() for p in candidates}
-        candidates += [p for p in self._opened if p.resolve() not in inside and (p / "run.yaml").is_file()]
-        runs, unreadable = [], 0
-        for path in sorted(candidates, key=lambda p: p.name, reverse=True):  # names start with their time
-            try:
-                runs.append(read_run(path))
-            except StudioError:
-                unreadable += 1
         self.runs = runs
+        listed = {str(run.folder) for run in runs}
+        self._curves_read = {f: c for f, c in self._curves_read.items() if f in listed}
         self.table.blockSignals(True)
         self.table.clear()
         for run in runs:
@@ -138,30 +174,28 @@ class RunsPanel(QWidget):
             if selected is not None and run.folder == selected.folder:
                 item.setSelected(True)
         self.table.blockSignals(False)
-        skipped = f" ({unreadable} folder(s) with an unreadable run.yaml left out)" if unreadable else ""
-        self.message_label.setText(f"{len(runs)} run(s){skipped}" if runs or skipped else
-                                   "No runs yet: start one in the Train tab")
-        self._draw_curves()
-        self._update_buttons()
 
-    def open_run(self, folder: str | Path) -> RunSummary:
-        """List a run folder (from anywhere) and select it. Raises StudioError when it is not a readable run."""
+    def open_run(self, folder: str | Path) -> None:
+        """List a run folder (from anywhere) and select it once it is read: `sig_run_opened` then, or
+        `sig_run_open_failed` with the line saying why it cannot be read. Raises StudioError at once when the
+        folder holds no run.yaml."""
         folder = Path(folder).expanduser()
-        if not (folder / "run.yaml").is_file():
+        if not is_run_folder(folder):
             raise StudioError(f"{folder} is not a run folder: it holds no run.yaml")
-        run = read_run(folder)  # a broken run.yaml says what is wrong before the folder joins the list
         if all(p.resolve() != folder.resolve() for p in self._opened):
             self._opened.append(folder)
+        self._opening.append(folder)
         self.refresh()
-        self.select_run(folder)
-        return run
 
     def ticked_runs(self) -> list[str]:
         return [item.data(0, Qt.UserRole) for item in self._items() if item.checkState(0) == Qt.Checked]
 
     def set_ticked(self, folders: list[str]) -> None:
+        self.table.blockSignals(True)  # one redraw, not one per row
         for item in self._items():
             item.setCheckState(0, Qt.Checked if item.data(0, Qt.UserRole) in folders else Qt.Unchecked)
+        self.table.blockSignals(False)
+        self._draw_curves()
 
     def select_run(self, folder: str | Path) -> None:
         wanted = Path(folder).resolve()
@@ -202,31 +236,32 @@ class RunsPanel(QWidget):
         self.table.setCurrentItem(item)
         item.setCheckState(0, Qt.Checked)  # redraws through itemChanged; the selection makes its curves bold
 
+    @Slot(object)
+    def _on_jobs_curves_read(self, curves: dict[str, RunCurves]) -> None:
+        listed = {str(run.folder) for run in self.runs}
+        self._curves_read.update((f, c) for f, c in curves.items() if f in listed)
+        self._draw_curves()
+
+    @property
+    def curves(self) -> dict[str, pg.PlotDataItem]:
+        """The training loss curves drawn, by run folder."""
+        return self.overlay.curves
+
+    @property
+    def val_curves(self) -> dict[str, pg.PlotDataItem]:
+        return self.overlay.val_curves
+
     def _draw_curves(self) -> None:
-        if self.plot_widget is None:
-            return
-        plot = self.plot_widget.getPlotItem()
-        for curves in (self.curves, self.val_curves):
-            for folder in list(curves):
-                plot.removeItem(curves.pop(folder))
+        """Overlay the ticked runs whose curves have been read; ask for the others (they draw when they arrive)."""
         by_folder = {str(run.folder): run for run in self.runs}
+        ticked = [f for f in self.ticked_runs() if f in by_folder]
+        self.jobs.read_curves(f for f in ticked if f not in self._curves_read)
         selected = self.selected_run()
-        for i, folder in enumerate(f for f in self.ticked_runs() if f in by_folder):
-            run, colour = by_folder[folder], PALETTE[i % len(PALETTE)]
-            width = SELECTED_WIDTH if selected is not None and selected.folder == run.folder else WIDTH
-            steps, losses = zip(*run.losses) if run.losses else ((), ())
-            self.curves[folder] = plot.plot(
-                list(steps), list(losses), pen=pg.mkPen(colour, width=width), name=run.folder.name,
-                symbol="o" if len(steps) <= DOTS_UP_TO else None, symbolSize=4, symbolBrush=colour, symbolPen=None)
-            if run.val_losses:
-                val_steps, val_losses = zip(*run.val_losses)
-                self.val_curves[folder] = plot.plot(
-                    list(val_steps), list(val_losses), pen=pg.mkPen(colour, width=width, style=Qt.DashLine),
-                    symbol="s", symbolSize=7, symbolBrush=colour, symbolPen=None)
-            if width == SELECTED_WIDTH:
-                for item in (self.curves.get(folder), self.val_curves.get(folder)):
-                    if item is not None:
-                        item.setZValue(1)
+        self.overlay.show([
+            Overlaid(folder, by_folder[folder].folder.name, self._curves_read[folder], PALETTE[i % len(PALETTE)],
+                     selected is not None and str(selected.folder) == folder)
+            for i, folder in enumerate(ticked) if folder in self._curves_read
+        ])
 
     def _update_buttons(self) -> None:
         run = self.selected_run()
@@ -260,12 +295,18 @@ class RunsPanel(QWidget):
     @Slot()
     def _on_spectra_clicked(self) -> None:
         run = self.selected_run()
-        if run is None:
-            return
-        snapshots = [r for r in read_records(run.folder, "spectra.jsonl") if r.get("event") == "SpectrumSnapshot"]
-        if not snapshots:
-            self.message_label.setText(f"{run.folder.name} recorded no spectra (spectrum snapshots were off); "
+        if run is not None:
+            self.jobs.read_spectrum(run.folder)
+
+    @Slot(object)
+    def _on_jobs_spectrum_read(self, last: LastSpectrum) -> None:
+        snapshot = last.snapshot
+        if snapshot is None:
+            self.message_label.setText(f"{last.folder.name} recorded no spectra (spectrum snapshots were off); "
                                        "Adapter ▸ Load adapter… reads them from its adapter folder")
             return
-        snapshot = event_from(snapshots[-1])
-        self.sig_spectra_requested.emit(snapshot.modules, f"{run.folder.name}, step {snapshot.step}")
+        self.sig_spectra_requested.emit(snapshot.modules, f"{last.folder.name}, step {snapshot.step}")
+
+    @Slot(str)
+    def _on_jobs_failed(self, message: str) -> None:
+        self.message_label.setText(message)

@@ -177,15 +177,6 @@ class SpectrumPanel(QWidget):
         items = (self.module_list.item(i) for i in range(self.module_list.count()))
         return [item.data(Qt.UserRole) for item in items if item.checkState() == Qt.Checked]
 
-    def set_checked_modules(self, names: Sequence[str]) -> None:
-        wanted = set(names)
-        self.module_list.blockSignals(True)
-        for i in range(self.module_list.count()):
-            item = self.module_list.item(i)
-            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in wanted else Qt.Unchecked)
-        self.module_list.blockSignals(False)
-        self._draw_curves()
-
     # ---- input ----------------------------------------------------------------------------------------------
 
     @Slot(object)

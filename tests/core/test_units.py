@@ -18,6 +18,8 @@ def test_human_count_rounds_to_one_decimal_with_a_suffix(n, text):
 
 def test_the_cli_and_the_window_format_bytes_with_the_core_function():
     import studio.cli as cli
-    import studio.ui.units as ui_units
+    import studio.ui.adapter_panel as adapter_panel
+    import studio.ui.memory_bar as memory_bar
 
-    assert cli.human_bytes is human_bytes and ui_units.human_bytes is human_bytes
+    assert cli.human_bytes is human_bytes
+    assert adapter_panel.human_bytes is human_bytes and memory_bar.human_bytes is human_bytes

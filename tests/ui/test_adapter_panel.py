@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
@@ -56,6 +58,25 @@ def test_rank_slider_moves_the_rank_alpha_and_count(qtbot, window):
     assert window.plan_state.plan.alpha == 8.0 and panel.scaling_label.text() == "α/r = 0.25"
 
 
+def test_one_rank_slider_move_counts_the_plan_once(qtbot, window):
+    panel = window.adapter_panel
+    window.tree_panel.apply_preset("all-linear")
+    counted: list[object] = []
+
+    def profile(frame, event, _arg) -> None:  # sees every call of plan.count, whoever imported it
+        if event == "call" and frame.f_code is count.__code__:
+            counted.append(frame.f_back.f_code.co_name if frame.f_back else None)
+
+    panel.rank_slider.setFocus()
+    sys.setprofile(profile)
+    try:
+        qtbot.keyClick(panel.rank_slider, Qt.Key_Right)  # 8 -> 16
+    finally:
+        sys.setprofile(None)
+    assert window.plan_state.plan.rank == 16 and shown(window) == 2 * 2_442_240
+    assert counted == ["_compute"]  # the panel's count, handed to the memory estimate
+
+
 def test_rank_spin_box_takes_ranks_between_the_powers_of_two(window):
     panel = window.adapter_panel
     window.tree_panel.apply_preset("attention")
@@ -91,7 +112,8 @@ def test_memory_bar_and_verdict_follow_the_estimate(window):
     panel.seq_spin.setValue(2048)
     panel.batch_spin.setValue(4)
 
-    expected = estimate(window.opened.tree, window.plan_state.plan, batch_size=4, seq_len=2048)
+    tree, plan = window.opened.tree, window.plan_state.plan
+    expected = estimate(tree, plan, count(tree, plan), batch_size=4, seq_len=2048)
     assert panel.memory_bar.parts == expected.parts()
     assert panel.numbers.estimate == expected
     if torch.cuda.is_available():

@@ -110,8 +110,8 @@ def test_window_layout_and_recent_models_persist(qtbot, settings, opened_default
     qtbot.addWidget(first)
     first.show()
     first.show_model(opened_default)
-    first._remember_recent("default")
-    first._remember_recent("/models/other")
+    first.file_menu.recent_models.remember("default")
+    first.file_menu.recent_models.remember("/models/other")
     first.resize(760, 680)  # narrower than the offscreen screen (800 px), which restoreGeometry clamps to
     first.close()
 

@@ -20,8 +20,9 @@ from PySide6.QtWidgets import QFileDialog
 from studio.core import events as ev
 from studio.core.runconfig import load
 from studio.ui.adapter_actions import CurrentAdapter, adapter_of_run
+from studio.ui.loss_overlay import SELECTED_WIDTH
 from studio.ui.main_window import MainWindow
-from studio.ui.runs_panel import NO_ADAPTER, SELECTED_WIDTH
+from studio.ui.runs_panel import NO_ADAPTER
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import configure_tiny_run, wait_until, write_demo_rows
 
@@ -90,10 +91,20 @@ def choose_folder(monkeypatch, folder: Path) -> list[str]:
     return started
 
 
+def listed(panel) -> None:
+    """Run the event loop until the Runs panel has read the run folders (it reads them off the UI thread)."""
+    wait_until(lambda: not panel.is_listing(), 30, "the runs panel to read the run folders")
+
+
 def open_run(runs: TwoRuns, monkeypatch, folder: Path) -> list[str]:
     started = choose_folder(monkeypatch, folder)
     runs.window.file_menu.open_run_action.trigger()
+    listed(runs.window.runs_panel)
     return started
+
+
+def drawn(panel, folders: set[str]) -> None:
+    wait_until(lambda: set(panel.curves) == folders, 30, "the ticked runs' curves to be read and drawn")
 
 
 # ---- File ▸ Open run… ---------------------------------------------------------------------------------------
@@ -123,6 +134,7 @@ def test_open_run_on_a_folder_that_is_not_a_run_says_so_in_one_line(runs, monkey
     broken.mkdir(exist_ok=True)
     (broken / "run.yaml").write_text("model: [unclosed\n")
     open_run(runs, monkeypatch, broken)
+    wait_until(lambda: window.error_dialog.isVisible(), 30, "the broken run.yaml to be read")
     assert window.error_dialog.text() == f"{broken / 'run.yaml'} is not valid YAML at line 2"
     window.error_dialog.close()
     assert window.file_menu.recent_runs.entries() == before
@@ -136,6 +148,7 @@ def test_two_ticked_runs_show_their_training_and_validation_losses_in_their_own_
     window, panel = runs.window, runs.window.runs_panel
     open_run(runs, monkeypatch, runs.outside)
     panel.set_ticked([str(runs.inside), str(runs.outside)])
+    drawn(panel, {str(runs.inside), str(runs.outside)})
     assert set(panel.curves) == set(panel.val_curves) == {str(runs.inside), str(runs.outside)}
     colours = set()
     for run_dir in (runs.inside, runs.outside):
@@ -164,6 +177,7 @@ def test_two_ticked_runs_show_their_training_and_validation_losses_in_their_own_
 def test_double_click_ticks_the_run_and_draws_its_curves_bold(runs, qtbot):
     window, panel = runs.window, runs.window.runs_panel
     window.show_panel(panel)
+    listed(panel)
     panel.set_ticked([])
     assert panel.curves == {}
     item = next(panel.table.topLevelItem(i) for i in range(panel.table.topLevelItemCount())
@@ -173,6 +187,7 @@ def test_double_click_ticks_the_run_and_draws_its_curves_bold(runs, qtbot):
     QTest.mouseClick(panel.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)  # a double-click's first press
     QTest.mouseDClick(panel.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
     assert panel.ticked_runs() == [str(runs.inside)] and panel.selected_run().folder == runs.inside
+    drawn(panel, {str(runs.inside)})
     assert panel.curves[str(runs.inside)].opts["pen"].widthF() == SELECTED_WIDTH
 
 
@@ -181,6 +196,7 @@ def test_double_click_ticks_the_run_and_draws_its_curves_bold(runs, qtbot):
 def test_export_from_the_runs_panel_copies_the_selected_runs_adapter(runs, monkeypatch, qtbot):
     window, panel, actions = runs.window, runs.window.runs_panel, runs.window.adapter_actions
     window.show_panel(panel)
+    listed(panel)
     menu_adapter = actions.adapter  # the run that ended last: the outside one
     panel.select_run(runs.inside)
     chosen = runs.root / "exported"
@@ -224,6 +240,7 @@ def test_a_run_without_adapter_or_checkpoint_cannot_be_exported_and_says_why(run
     shutil.copy(runs.inside / "run.yaml", fresh / "run.yaml")
     window.show_panel(panel)
     panel.refresh()
+    listed(panel)
     panel.select_run(fresh)
     assert panel.selected_run().status == "not started"
     for button in (panel.export_button, panel.merge_button):
@@ -309,6 +326,7 @@ def test_recent_items_show_in_a_new_window_on_the_same_settings_and_gone_ones_ar
     entry(str(runs.data_file)).trigger()
     assert second.current_panel() is second.data_panel and second.data_panel.path_edit.text() == str(runs.data_file)
     entry(str(runs.inside)).trigger()
+    listed(second.runs_panel)
     assert second.current_panel() is second.runs_panel
     assert second.runs_panel.selected_run().folder == runs.inside
     entry("Clear the recent lists").trigger()

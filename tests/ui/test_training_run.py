@@ -21,6 +21,7 @@ from studio.core import events as ev
 from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
 from studio.core.data.formats import prompt_inputs
 from studio.core.runconfig import load
+from studio.core.train.run_folder import read_curves
 from studio.ui.main_window import MainWindow
 from studio.ui.playground import DEFAULT_PROMPT
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
@@ -245,21 +246,24 @@ def test_the_runs_panel_lists_the_run_and_overlays_its_loss_curve(run, qtbot):
     window = run.window
     window.show_panel(window.runs_panel)
     panel = window.runs_panel
+    wait_until(lambda: not panel.is_listing(), 30, "the runs panel to read the run folder")
     steps = run.of(ev.StepMetrics)
     assert [r.folder for r in panel.runs] == [Path(run.finished.run_dir)]
     summary = panel.runs[0]
     assert (summary.status, summary.steps_done, summary.total_steps) == ("finished", STEPS, STEPS)
-    assert summary.final_loss == steps[-1].loss and summary.losses == tuple((m.step, m.loss) for m in steps)
+    assert summary.final_loss == steps[-1].loss
+    assert read_curves(summary.folder).losses == tuple((m.step, m.loss) for m in steps)
     item = panel.table.topLevelItem(0)
     assert [item.text(i) for i in (1, 2, 4, 5, 6)] == ["finished", f"{steps[-1].loss:.4f}", "4 / 4", "default",
                                                         "60 modules · r=4"]
     panel.set_ticked([run.finished.run_dir])
+    wait_until(lambda: run.finished.run_dir in panel.curves, 30, "the ticked run's curves")
     curve = panel.curves[run.finished.run_dir]
     assert curve.xData.tolist() == [1, 2, 3, 4] and curve.yData.tolist() == [m.loss for m in steps]
     panel.table.setCurrentItem(item)
     assert panel.resume_button.isEnabled() and panel.spectra_button.isEnabled()
     panel.spectra_button.click()
-    assert window.current_panel() is window.spectrum_panel
+    wait_until(lambda: window.current_panel() is window.spectrum_panel, 30, "the last spectrum to be read")
     last = run.of(ev.SpectrumSnapshot)[-1]
     assert window.spectrum_panel.spectra == last.modules
     assert f"step {last.step}" in window.spectrum_panel.source_label.text()
@@ -302,6 +306,7 @@ def test_screenshot_after_the_run(run, tab, tmp_path, qtbot):
     window = run.window
     window.show_panel({"train": window.train_panel, "spectrum": window.spectrum_panel, "data": window.data_panel,
                        "runs": window.runs_panel, "playground": window.playground}[tab])
+    wait_until(lambda: not window.runs_panel.is_listing(), 30, "the runs panel to read the run folders")
     qtbot.wait(150)  # the redraw timer and the layout settle
     path = target(tmp_path, f"{tab}-panel-after-run.png")
     assert window.grab().save(str(path))
@@ -313,6 +318,7 @@ def test_resume_from_the_runs_panel_shows_the_history_and_continues_from_the_che
     window = run.window
     window.show_panel(window.runs_panel)
     panel = window.runs_panel
+    wait_until(lambda: not panel.is_listing(), 30, "the runs panel to read the run folder")
     panel.table.setCurrentItem(panel.table.topLevelItem(0))
     session = window.train_panel.session
     original = run.of(ev.StepMetrics)

@@ -20,7 +20,6 @@ TARGETABLE_KINDS = ("linear", "conv1d", "embedding")
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # what PEFT adds to modules_to_save for classification
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 _ATTENTION_WORDS = re.compile(r"attn|attention", re.IGNORECASE)
-_NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
 
 
 @dataclass(frozen=True)

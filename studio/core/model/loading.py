@@ -80,7 +80,6 @@ class LoadedModel:
         return self.source.display_name
 
 
-LoadProgress = Progress  # the name main_window.py still imports; it goes when that imports studio.core.progress
 
 
 def require_weights(loaded: LoadedModel, purpose: str) -> None:

@@ -1,13 +1,18 @@
 """A run folder as the engine writes it (run.yaml, metrics.jsonl with one event per line, spectra.jsonl,
-checkpoints/, adapter/), read back: its summary for the runs list and its events for the plots. The window and
-the CLI both read run folders through here."""
+checkpoints/, adapter/), read back: its summary for the runs list, its loss curves and its events for the plots,
+its last spectrum snapshot. The window and the CLI both read run folders through here.
+
+A list of runs reads only what it shows: the summary parses the few records it needs from the end of
+metrics.jsonl (the others are recognised by their event name and skipped), and the last spectrum is read from
+the end of spectra.jsonl, whose records are large. Curves, which need every step, are read only when asked."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from studio.core import events as ev
 from studio.core import run_layout
@@ -15,12 +20,15 @@ from studio.core.adapters.folder import run_adapter
 from studio.core.runconfig import load
 from studio.core.train.checkpoints import latest_checkpoint
 
+BLOCK_BYTES = 1 << 16  # read backwards in blocks of this size
+EVENT_PREFIX = b'{"event": "'  # how every record line starts (events.to_record, json.dumps)
+END_EVENTS = ("Finished", "Failed")
+
 
 @dataclass(frozen=True)
 class RunSummary:
-    """One run folder as the list shows it; `losses` are (step, loss) of its StepMetrics records and
-    `val_losses` (step, validation loss) of its EvalMetrics records. `model` is the run's base (what
-    open_model accepts), `task` its model.task."""
+    """One run folder as the list shows it. `model` is the run's base (what open_model accepts), `task` its
+    model.task."""
 
     folder: Path
     model: str
@@ -32,8 +40,6 @@ class RunSummary:
     status: str  # finished, stopped, failed: <why>, interrupted (no end record), or not started
     final_loss: float | None
     score: float | None
-    losses: tuple[tuple[int, float], ...]
-    val_losses: tuple[tuple[int, float], ...] = ()
 
     @property
     def resumable(self) -> bool:
@@ -42,6 +48,15 @@ class RunSummary:
     @property
     def adapter(self) -> Path | None:
         return run_adapter(self.folder)
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """(step, loss) of a run's StepMetrics records and (step, validation loss) of its EvalMetrics records, as
+    the run stands (see latest_history)."""
+
+    losses: tuple[tuple[int, float], ...]
+    val_losses: tuple[tuple[int, float], ...]
 
 
 def read_records(folder: Path, name: str = run_layout.METRICS) -> list[dict[str, Any]]:
@@ -56,6 +71,54 @@ def read_records(folder: Path, name: str = run_layout.METRICS) -> list[dict[str,
         except json.JSONDecodeError:
             continue
     return records
+
+
+def lines_from_end(path: Path, block: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """The file's non-empty lines, last first, read backwards a block at a time: a reader that stops early
+    pays only for the tail. The last line may be one a crash cut short (no newline): callers parse and skip."""
+    with path.open("rb") as handle:
+        position = handle.seek(0, os.SEEK_END)
+        rest = b""  # the start of a line that began in an earlier block
+        while position > 0:
+            size = min(block, position)
+            position -= size
+            handle.seek(position)
+            lines = (handle.read(size) + rest).split(b"\n")
+            rest = lines[0]
+            yield from (line for line in reversed(lines[1:]) if line)
+        if rest:
+            yield rest
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a line cut short by a crash
+    return record if isinstance(record, dict) else None
+
+
+def _event_name(line: bytes) -> str | None:
+    """The record's event name read from the line's start without parsing it (None when the line does not
+    start the usual way: then it has to be parsed)."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    end = line.find(b'"', len(EVENT_PREFIX))
+    return line[len(EVENT_PREFIX):end].decode("ascii", "replace") if end > 0 else None
+
+
+def read_last_record(folder: Path, name: str, event: str) -> dict[str, Any] | None:
+    """The last complete `event` record of a run file, read from the end; None when it holds none."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    for line in lines_from_end(path):
+        if _event_name(line) not in (event, None):
+            continue
+        record = _parse(line)
+        if record is not None and record.get("event") == event:
+            return record
+    return None
 
 
 def event_from(record: dict[str, Any]) -> Any:
@@ -87,27 +150,68 @@ def latest_history(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return steps, evals
 
 
+@dataclass
+class _Tail:
+    """What the summary needs, gathered newest record first: the last step, the last score and the last end
+    record. A run that never scored is read to its start, but its step lines are only recognised, not parsed."""
+
+    last_step: dict[str, Any] | None = None
+    score: float | None = None
+    end: dict[str, Any] | None = None
+    cap: float = float("inf")  # a resume from step s replaced the records after s that were written before it
+
+    def take(self, kind: str | None, line: bytes) -> None:
+        wanted = (kind in (None, "RunStarted") or (kind == "StepMetrics" and self.last_step is None)
+                  or (kind == "EvalMetrics" and self.score is None) or (kind in END_EVENTS and self.end is None))
+        record = _parse(line) if wanted else None
+        if record is None:
+            return
+        kind = record.get("event")
+        if kind == "RunStarted" and record.get("start_step"):
+            self.cap = min(self.cap, int(record["start_step"]))
+        elif kind in END_EVENTS and self.end is None:
+            self.end = record
+        elif kind == "StepMetrics" and self.last_step is None and record["step"] <= self.cap:
+            self.last_step = record
+        elif kind == "EvalMetrics" and self.score is None and record.get("score") is not None \
+                and record["step"] <= self.cap:
+            self.score = record["score"]
+
+    @property
+    def complete(self) -> bool:
+        return self.last_step is not None and self.score is not None and self.end is not None
+
+
 def read_run(folder: Path) -> RunSummary:
     """Summarise a run folder. Raises StudioError when its run.yaml is missing or unreadable."""
     config = load(folder / run_layout.RUN_FILE)
-    records = read_records(folder)
-    steps, evals = latest_history(records)
-    last_end = next((r for r in reversed(records) if r.get("event") in ("Finished", "Failed")), None)
+    tail = _Tail()
+    path = folder / run_layout.METRICS
+    if path.is_file():
+        for line in lines_from_end(path):
+            tail.take(_event_name(line), line)
+            if tail.complete:
+                break
+    last_step, last_end = tail.last_step, tail.end
     if last_end is None:
-        status = "interrupted" if steps else "not started"
+        status = "interrupted" if last_step is not None else "not started"
     elif last_end["event"] == "Failed":
         status = f"failed: {last_end.get('message', '')}"
     else:
         status = "stopped" if last_end.get("stopped_early") else "finished"
-    scores = [r["score"] for r in evals if r.get("score") is not None]
     plan = config.plan
     targets = plan.get("targets")
     shown_targets = targets if isinstance(targets, str) else f"{len(targets or ())} modules"
     return RunSummary(
         folder=folder, model=config.model.source, task=config.model.task,
         targets=f"{shown_targets} · r={plan.get('rank', 8)}", data=Path(str(config.data.get("train_path", ""))).name,
-        steps_done=steps[-1]["step"] if steps else 0, total_steps=config.training.max_steps, status=status,
-        final_loss=steps[-1]["loss"] if steps else None, score=scores[-1] if scores else None,
-        losses=tuple((int(r["step"]), float(r["loss"])) for r in steps),
-        val_losses=tuple((int(r["step"]), float(r["val_loss"])) for r in evals),
+        steps_done=last_step["step"] if last_step else 0, total_steps=config.training.max_steps, status=status,
+        final_loss=last_step["loss"] if last_step else None, score=tail.score,
     )
+
+
+def read_curves(folder: Path) -> RunCurves:
+    """The run's training and validation loss curves (every step: read them only for runs that are shown)."""
+    steps, evals = latest_history(read_records(folder))
+    return RunCurves(losses=tuple((int(r["step"]), float(r["loss"])) for r in steps),
+                     val_losses=tuple((int(r["step"]), float(r["val_loss"])) for r in evals))
