@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     cnt.add_argument("--seq-len", type=int, default=512, help="sequence length for the memory estimate")
     cnt.add_argument("--quantization", choices=["4bit", "8bit"], help="base weights quantized (memory estimate)")
     cnt.add_argument("--gradient-checkpointing", action="store_true", help="memory estimate with checkpointing")
+    cnt.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run (DDP): the estimate is per GPU, "
+                     "--batch-size per GPU")
     cnt.add_argument("--json", action="store_true", help="print one JSON object")
 
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
@@ -266,7 +268,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     counts = count(tree, plan)
     est = memory.estimate(
         tree, plan, counts, batch_size=args.batch_size, seq_len=args.seq_len,
-        quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing,
+        quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing, gpus=args.gpus,
     )
     if args.json:
         record = counts.to_dict()
@@ -277,7 +279,8 @@ def cmd_count(args: argparse.Namespace) -> int:
     print(f"{loaded.display_name}: LoRA r={plan.rank} α={plan.alpha:g} ({plan.variant}) on {counts.modules} modules")
     print(f"  trainable  {counts.trainable:>15,}  ({100 * counts.share:.4f}% of {counts.total:,})")
     print(f"  adapter    {human_bytes(counts.adapter_bytes):>15}  on disk")
-    print(f"  GPU memory ~{human_bytes(est.total)} for batch {args.batch_size} × {args.seq_len} tokens:")
+    each = f" on each of {args.gpus} GPUs" if args.gpus > 1 else ""
+    print(f"  GPU memory ~{human_bytes(est.total)}{each} for batch {args.batch_size} × {args.seq_len} tokens:")
     for label, value in est.parts():
         print(f"    {label:<32}{human_bytes(value):>12}")
     return 0

@@ -17,6 +17,10 @@ Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 
 model's own loss the measured peak was 28.5 GiB and this estimate says 25.3 GiB allocated; with the chunked loss
 the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled) and the estimate says 16.5 GiB.
 
+On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch, plus the buckets in
+which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
+of the adapter's float32 gradients): the estimate is per GPU.
+
 It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
 allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
 """
@@ -107,10 +111,12 @@ def estimate(
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
     chunked_loss: bool = True,
+    gpus: int = 1,
 ) -> MemoryEstimate:
-    """Estimate the GPU memory of a run. Cheap (a pass over the tree), safe to call on every slider move.
-    `counts`: `plan.count(tree, plan)`, which the caller has already made (the adapter panel shows it too).
-    `chunked_loss`: the engine's GPU default; it does not apply when the output head is adapted or saved."""
+    """Estimate the GPU memory of a run (of each GPU when `gpus` > 1; `batch_size` is per GPU). Cheap (a pass over
+    the tree), safe to call on every slider move. `counts`: `plan.count(tree, plan)`, which the caller has already
+    made (the adapter panel shows it too). `chunked_loss`: the engine's one-GPU default; it does not apply when the
+    output head is adapted or saved, nor on several GPUs."""
     dtype_bytes = DTYPE_BYTES.get(compute_dtype, 2)
     weights = 0.0
     for info in tree.modules.values():
@@ -124,7 +130,7 @@ def estimate(
             weights += own * dtype_bytes
     trainable = counts.trainable
     adapter = trainable * 4
-    gradients = trainable * 4
+    gradients = trainable * 4 * (2 if gpus > 1 else 1)  # DDP's all-reduce buckets: a second copy
     optimizer_bytes = trainable * (2 if optimizer == "adamw-8bit" else 8)
 
     layers, hidden, width, vocab = _shape(tree)
@@ -140,7 +146,7 @@ def estimate(
     head_changed = any(name in changed or tree[name].leaf in changed for name in heads)
     if tree.task != "causal-lm":
         logits = 0
-    elif chunked_loss and not head_changed:
+    elif chunked_loss and not head_changed and gpus == 1:
         logits = min(tokens * vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
     else:
         logits = tokens * vocab * (2 + 4 + 4)

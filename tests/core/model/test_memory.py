@@ -71,3 +71,14 @@ def test_judge_offers_checkpointing_when_it_closes_the_gap_though_the_activation
     far = int((est.total - 2 * est.activations) / memory.FITS_SHARE)  # over by twice all the activations
     advice = memory.judge(est, far).advice
     assert "checkpointing" not in advice and "sequence length" not in advice and "lower the rank" in advice
+
+
+def test_on_several_gpus_each_holds_the_whole_run_plus_ddp_gradient_buckets_and_the_models_own_loss(default_model):
+    tree = inventory.build(default_model.model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32)
+    counts = count(tree, plan)
+    one = memory.estimate(tree, plan, counts, batch_size=8, seq_len=1024, chunked_loss=False)
+    each_of_two = memory.estimate(tree, plan, counts, batch_size=8, seq_len=1024, gpus=2)
+    assert each_of_two.weights == one.weights and each_of_two.optimizer == one.optimizer
+    assert each_of_two.gradients == 2 * one.gradients  # the gradients and DDP's all-reduce buckets
+    assert each_of_two.activations == one.activations  # several GPUs train on the model's own loss
