@@ -134,7 +134,7 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
-        message += f"; its last checkpoint is {checkpoint.name}: `lora-studio resume {run_dir} --gpus {launch.processes}`"
+        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}`"
     failed = ev.Failed(message, read_state(checkpoint).step if checkpoint else 0, str(checkpoint) if checkpoint else None)
     if is_run_folder(run_dir):
         recorder = ev.Recorder(run_dir, on_event)

@@ -116,8 +116,9 @@ def test_a_killed_process_ends_the_run_in_one_line_and_resume_continues_it(tiny_
     _, stderr = launcher.communicate(timeout=300)
     assert launcher.returncode == 2
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("lora-studio: process 1 of the run was ended by SIGKILL"), stderr
-    assert "its last checkpoint is step-" in last and "Traceback" not in stderr
+    assert last.startswith("lora-studio: ") and "process 1 of the run was ended by SIGKILL" in last, stderr
+    assert "resume it with `lora-studio resume" in last and "(last checkpoint: " in last
+    assert "Traceback" not in stderr
     assert read_records(run_dir)[-1]["event"] == "Failed"  # the run folder says how it ended
 
     resumed = _cli("resume", str(run_dir), "--gpus", "2")
@@ -127,6 +128,27 @@ def test_a_killed_process_ends_the_run_in_one_line_and_resume_continues_it(tiny_
 
     refused = _cli("resume", str(run_dir), "--max-steps", "44")  # one process: another share of the data each
     assert refused.returncode == 2 and "resume it on 2" in refused.stderr, refused.stderr
+
+
+def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint(tiny_model_folder, tmp_path):
+    run_file = _run_file(tmp_path, tiny_model_folder, 2, max_steps=400, save_every=0, eval_every=0,
+                         spectrum_every=0)
+    run_dir = tmp_path / "interrupted"
+    launcher = subprocess.Popen([sys.executable, "-m", "studio.cli", "train", str(run_file), "--gpus", "2",
+                                 "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or not _losses(run_dir):
+        assert time.monotonic() < deadline and launcher.poll() is None, "no step was taken"
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends the launching process
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr
+    records = read_records(run_dir)
+    finished = records[-1]
+    assert finished["event"] == "Finished" and finished["stopped_early"] and finished["step"] < 400
+    assert (run_dir / "checkpoints" / f"step-{finished['step']}").is_dir()
+    assert f"Stopped at step {finished['step']}" in stdout
 
 
 def test_two_machines_over_loopback_train_one_run(tiny_model_folder, tmp_path):
