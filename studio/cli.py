@@ -288,7 +288,6 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
-    from pathlib import Path
 
     from studio.core import runconfig
 
@@ -296,13 +295,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
         config.check()
-    from studio.core.train.engine import new_run_dir, train
+    from studio.core.train.engine import train
 
     if _launches(args):
-        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(config)
-        steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-        return _launch(args, ["train", str(args.run_file), "--run-dir", str(run_dir), *steps], run_dir,
-                       config.model.device)
+        from studio.core.train import launch
+
+        plan = _launch_plan(args, config.model.device)
+        if args.node_rank > 0:
+            return _lend_gpus(args, plan, ["train", str(args.run_file), "--run-dir", str(args.run_dir)])
+        return _drive(lambda on_event, control: launch.train_on_processes(config, plan, on_event, control,
+                                                                          run_dir=args.run_dir))
     return _drive(lambda on_event, control: train(config, on_event, control, run_dir=args.run_dir))
 
 
@@ -313,10 +315,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if _launches(args):
         from studio.core import run_layout, runconfig
+        from studio.core.train import launch
 
-        device = runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE).model.device
+        plan = _launch_plan(args, runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE).model.device)
         steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-        return _launch(args, ["resume", str(args.run_dir), *steps], Path(args.run_dir), device)
+        if args.node_rank > 0:
+            return _lend_gpus(args, plan, ["resume", str(args.run_dir), *steps])
+        return _drive(lambda on_event, control: launch.resume_on_processes(args.run_dir, plan, on_event, control,
+                                                                           max_steps=args.max_steps))
     return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
 
 
@@ -325,24 +331,30 @@ def _launches(args: argparse.Namespace) -> bool:
     return bool(args.gpus or args.nodes > 1 or args.accelerate_config)
 
 
-def _launch(args: argparse.Namespace, cli_args: list[str], run_dir: Any, device: str) -> int:
-    import subprocess
-
+def _launch_plan(args: argparse.Namespace, device: str) -> Any:
     from studio.core.train import launch
 
     processes = args.gpus or 1
     if processes < 1:
         raise StudioError(f"--gpus must be at least 1, got {processes}")
+    if args.node_rank > 0 and not args.run_dir:
+        raise StudioError("--node-rank > 0 needs --run-dir: the run folder path node 0 writes (a shared one)")
     launch.check_gpus(processes, device)
     config_file = args.accelerate_config
     if config_file in launch.ACCELERATE_CONFIGS:
         config_file = str(launch.accelerate_config(config_file))
-    plan = launch.Launch(processes, args.nodes, args.node_rank, args.main_address, args.main_port, config_file)
-    if args.node_rank > 0:  # the main node follows the run and writes it; this one lends its GPUs
-        code = subprocess.run(launch.command(plan, cli_args)).returncode
-        print(f"node {args.node_rank}: its processes ended with exit code {code}; the run is in {run_dir} on node 0")
-        return 0 if code == 0 else EXIT_USAGE
-    return _drive(lambda on_event, control: launch.run(plan, cli_args, run_dir, on_event, control))
+    return launch.Launch(processes, args.nodes, args.node_rank, args.main_address, args.main_port, config_file)
+
+
+def _lend_gpus(args: argparse.Namespace, plan: Any, cli_args: list[str]) -> int:
+    """A node other than the main one: its processes train; node 0 follows the run and writes it."""
+    import subprocess
+
+    from studio.core.train import launch
+
+    code = subprocess.run(launch.command(plan, cli_args)).returncode
+    print(f"node {args.node_rank}: its processes ended with exit code {code}; the run is in {args.run_dir} on node 0")
+    return 0 if code == 0 else EXIT_USAGE
 
 
 def _drive(start: Any) -> int:

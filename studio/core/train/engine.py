@@ -93,7 +93,7 @@ def train(
                 return failed
         run_dir = Path(run_dir or checkpoint.parent.parent)
     else:
-        config = _with_absolute_paths(config)
+        config = with_absolute_paths(config)
         run_dir = procs.agree(Path(run_dir) if run_dir is not None else new_run_dir(config))
         checkpoint = None
     try:
@@ -154,7 +154,7 @@ def _accelerator(config: RunConfig) -> Any:
     return Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
 
 
-def _with_absolute_paths(config: RunConfig) -> RunConfig:
+def with_absolute_paths(config: RunConfig) -> RunConfig:
     """run.yaml must work from anywhere: store the data files' absolute paths."""
     data = dict(config.data)
     for key in ("train_path", "val_path"):

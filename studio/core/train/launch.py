@@ -32,6 +32,7 @@ from studio.core.errors import TrainingError
 from studio.core.logs import state_dir
 from studio.core.resources import resources_root
 from studio.core.run_layout import is_run_folder
+from studio.core.runconfig import RunConfig
 from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.control import TrainControl
 from studio.core.train.processes import write_request
@@ -143,6 +144,29 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     else:
         on_event(failed)
     return failed
+
+
+def train_on_processes(config: RunConfig, launch: Launch, on_event: Callable[[Any], None] | None = None,
+                       control: TrainControl | None = None, *, run_dir: str | Path | None = None
+                       ) -> ev.Finished | ev.Failed:
+    """`engine.train(config)` on `launch.processes` processes: the run file they read is written first (beside
+    the launch logs), and the run folder is decided here so that a stop can reach it."""
+    from studio.core.runconfig import save
+    from studio.core.train.engine import new_run_dir, with_absolute_paths
+
+    config = with_absolute_paths(config)
+    folder = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    run_file = state_dir() / "launches" / f"{folder.name}-{uuid.uuid4().hex[:8]}.yaml"
+    save(config, run_file)
+    return run(launch, ["train", str(run_file), "--run-dir", str(folder)], folder, on_event, control)
+
+
+def resume_on_processes(run_dir: str | Path, launch: Launch, on_event: Callable[[Any], None] | None = None,
+                        control: TrainControl | None = None, *, max_steps: int | None = None
+                        ) -> ev.Finished | ev.Failed:
+    """`engine.resume(run_dir)` on `launch.processes` processes."""
+    steps = ["--max-steps", str(max_steps)] if max_steps is not None else []
+    return run(launch, ["resume", str(run_dir), *steps], Path(run_dir), on_event, control)
 
 
 def event_writer(path: str) -> Callable[[Any], None]:
