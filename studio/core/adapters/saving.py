@@ -69,9 +69,9 @@ def _vocab_resized(hf_model: Any) -> bool:
 def export_run_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Copy a run's adapter (its final `adapter/`, else the newest checkpoint's) to `out_dir`, atomically."""
     run = Path(run_dir).expanduser()
-    candidates = [run / "adapter"] + sorted(
-        (run / "checkpoints").glob("step-*/adapter"), key=lambda p: int(p.parent.name.split("-", 1)[1]), reverse=True
-    )
+    # checkpoints are `step-N` folders; a copy a person made (`step-2 copy`) is not one
+    steps = [p for p in (run / "checkpoints").glob("step-*/adapter") if p.parent.name[5:].isdigit()]
+    candidates = [run / "adapter"] + sorted(steps, key=lambda p: int(p.parent.name[5:]), reverse=True)
     source = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
     if source is None:
         raise ExportError(f"{run} holds no adapter yet: train it first, or pick a run folder")

@@ -4,19 +4,29 @@
 NumPy, torch and, where there is one, CUDA) and trainer_state.json (the step, tokens seen, time spent and the last
 losses: a `RunState`). The data position needs no record: the batches are a function of the seed and the step.
 On resume, metrics.jsonl is cut back to the checkpoint's step so the curves continue without duplicates.
+
+A run killed at any moment leaves its checkpoints usable: a checkpoint is written under a hidden staging name and
+renamed into place complete, and one that goes (replaced, or pruned as too old) is first renamed to a hidden name
+and only then deleted (a resume removes what a killed run left hidden). Only folders named exactly
+`step-N` count as checkpoints (a person's `step-20 copy` is left alone).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.core.files import write_atomic
+from studio.core.errors import TrainingError
+from studio.core.files import write_atomic, write_failure
 from studio.core.runconfig import RunConfig
+
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -31,19 +41,26 @@ class RunState:
     last_score: float | None = None
 
 
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's checkpoint folders, oldest first: folders named exactly `step-N`."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = ((CHECKPOINT_NAME.fullmatch(p.name), p) for p in folder.iterdir() if p.is_dir())
+    return sorted((int(match.group(1)), p) for match, p in found if match)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's newest complete checkpoint folder (one with its trainer_state.json), or None."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(
-        (int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()
-    ) if folder.is_dir() else []
-    return steps[-1][1] if steps else None
+    complete = [p for _, p in checkpoints(run_dir) if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState,
                     keep: int, config: RunConfig) -> Path:
     """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
-    Written into a temporary folder and renamed, so a checkpoint folder is always complete."""
+    Written into a temporary folder and renamed, so a checkpoint folder is always complete. A write that fails
+    (a full disk) leaves no staging folder behind and raises TrainingError; earlier checkpoints stay as they were."""
     import numpy as np
     import torch
 
@@ -54,26 +71,48 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     target = folder / f"step-{state.step}"
     staging = folder / f".step-{state.step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, staging / "rng.pt")
-    (staging / "trainer_state.json").write_text(json.dumps({
-        "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
-        "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
-    }))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    try:
+        staging.mkdir()
+        save_adapter(model, staging / "adapter", base_model_spec=config.model.source)
+        _save_torch(optimizer.state_dict(), staging / "optimizer.pt")
+        _save_torch(scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        _save_torch(rng, staging / "rng.pt")
+        (staging / "trainer_state.json").write_text(json.dumps({
+            "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
+            "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
+        }))
+        if target.exists():
+            _retire(target)
+        staging.rename(target)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise TrainingError(f"cannot write the checkpoint of step {state.step} in {folder}: {reason}") from exc
     if keep > 0:
-        steps = sorted((int(p.name.split("-", 1)[1]), p) for p in folder.glob("step-*"))
-        for _, old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old in checkpoints(run_dir)[:-keep]:
+            _retire(old)
     return target
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write surfaces as the OSError it is (a full disk)."""
+    import torch
+
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def _retire(checkpoint: Path) -> None:
+    """Remove a checkpoint folder: renamed to a hidden name first (one atomic step), so a run killed while deleting
+    never leaves a half-deleted `step-N` that looks complete."""
+    retired = checkpoint.with_name(f".{checkpoint.name}.retired-{uuid.uuid4().hex[:8]}")
+    checkpoint.rename(retired)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_state(checkpoint: Path) -> RunState:

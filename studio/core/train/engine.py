@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
-from studio.core.errors import StudioError, TrainingError
+from studio.core.errors import StudioError, TrainingError, first_line
 from studio.core.files import write_atomic
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
@@ -40,6 +40,7 @@ from studio.core.train.checkpoints import (
     truncate_metrics,
 )
 from studio.core.train.control import TrainControl
+from studio.core.train.run_folder import remove_leftovers
 
 EventCallback = Callable[[ev.Event], None]
 
@@ -71,32 +72,35 @@ def train(
     """
     control = control or TrainControl()
     emit_to_caller = on_event or (lambda _e: None)
+    new_run = resume_from is None
+    checkpoint: Path | None = None
     if resume_from is not None:
         checkpoint = Path(resume_from)
         if (checkpoint / "run.yaml").is_file():
             run_dir = checkpoint
-            checkpoint = latest_checkpoint(checkpoint)  # type: ignore[assignment]
-            if checkpoint is None:
+            checkpoint = latest_checkpoint(checkpoint)
+            if checkpoint is None and (run_dir / "adapter").is_dir():
                 failed = ev.Failed(f"{run_dir} has no checkpoint to resume from", 0)
                 emit_to_caller(failed)
                 return failed
-        run_dir = Path(run_dir or checkpoint.parent.parent)
+            # a run killed before its first checkpoint resumes from the start
+        run_dir = Path(run_dir or checkpoint.parent.parent)  # type: ignore[union-attr]
     else:
         config = _with_absolute_paths(config)
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-        checkpoint = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
+        if new_run:
             write_atomic(run_dir / "run.yaml", dump(config))
         else:
-            truncate_metrics(run_dir, read_state(checkpoint).step)
+            remove_leftovers(run_dir)
+            truncate_metrics(run_dir, read_state(checkpoint).step if checkpoint is not None else 0)
+        emit = ev.Recorder(run_dir, emit_to_caller)
     except (OSError, StudioError) as exc:
         failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
         emit_to_caller(failed)
         return failed
 
-    emit = ev.Recorder(run_dir, emit_to_caller)
     state = RunState()
     try:
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
@@ -114,9 +118,13 @@ def train(
             message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
                        "on gradient checkpointing, or load the base in 4-bit")
             return _fail(emit, message, state, run_dir)
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {run_dir / 'error.log'}",
-                     state, run_dir)
+        log = run_dir / "error.log"
+        try:
+            write_atomic(log, traceback.format_exc())
+            details = f"details in {log}"
+        except StudioError as log_failure:  # no room for the log (a full disk): say so instead
+            details = f"no details kept ({log_failure})"
+        return _fail(emit, f"internal error ({type(exc).__name__}: {first_line(exc)}); {details}", state, run_dir)
     finally:
         emit.close()
 
