@@ -78,8 +78,9 @@ def export_adapter_gguf(
     Progress covers the whole job: opening the base takes the first OPEN_SHARE of it."""
     from studio.core.model.loading import open_model
 
-    read_adapter_info(adapter_dir)  # a wrong folder fails now, not after the base model has loaded
+    read_adapter_info(adapter_dir)  # a wrong folder or output path fails now, not after the base model has loaded
     _check_out_type(out_type)
+    _target_file(out_path)
     report = on_progress or (lambda _p: None)
     loaded = open_model(base, on_progress=lambda p: report(MergeProgress("open", p.fraction * OPEN_SHARE, p.message)))
     peft_model = load_adapter(loaded, adapter_dir)

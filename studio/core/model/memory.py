@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from studio.core.errors import PlanError
 from studio.core.model.inventory import DTYPE_BYTES, ModuleTree
 from studio.core.model.plan import LoraPlan, count
 
@@ -99,6 +100,9 @@ def estimate(
 ) -> MemoryEstimate:
     """Estimate the GPU memory of a run. Cheap (a pass over the tree), safe to call on every slider move.
     `chunked_loss`: the engine's GPU default; it does not apply when the output head is adapted or saved."""
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len)):
+        if value < 1:
+            raise PlanError(f"the {name} must be at least 1, got {value}")
     dtype_bytes = DTYPE_BYTES.get(compute_dtype, 2)
     weights = 0.0
     for info in tree.modules.values():

@@ -40,6 +40,7 @@ from studio.core.train.checkpoints import (
     truncate_metrics,
 )
 from studio.core.train.control import TrainControl
+from studio.core.train.preflight import check_run
 from studio.core.train.run_folder import remove_leftovers
 
 EventCallback = Callable[[ev.Event], None]
@@ -103,6 +104,7 @@ def train(
 
     state = RunState()
     try:
+        check_run(config, model=loaded is None)  # before seconds of loading: a run that cannot work stops here
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
             return _loop(_setup(config, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
     except TrainingError as exc:
