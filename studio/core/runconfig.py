@@ -240,8 +240,7 @@ def load(path: str | Path) -> RunConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None)
-        raise RunConfigError(f"{path} is not valid YAML{where}" + (f": {problem}" if problem else "")) from exc
+        raise RunConfigError(f"{path} is not valid YAML{where}") from exc
     except RecursionError as exc:
         raise RunConfigError(f"{path} is nested too deeply to be a run file") from exc
     if data is None:
