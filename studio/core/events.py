@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Recorder:
             pass
 
 
-def _append_to(path: Path) -> Any:
+def _append_to(path: Path) -> IO[str]:
     """Open a records file for appending. A line cut short (the process was killed mid-write) is ended first, so
     the next record starts a line of its own instead of being glued to the broken one and lost with it."""
     handle = path.open("a", encoding="utf-8")
