@@ -290,11 +290,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from studio.core import runconfig
+    from studio.core.train.preflight import check_run
 
     config = runconfig.load(args.run_file)
     if args.max_steps is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
         config.check()
+    check_run(config)  # a run that cannot work is refused before torch is imported and the model loads
     from studio.core.train.engine import train
 
     if _launches(args):
@@ -450,10 +452,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from studio.core.adapters.loading import load_adapter
     from studio.core.adapters.merging import merge_and_save
+    from studio.core.files import check_folder_target
     from studio.core.model.loading import open_model
 
+    check_folder_target(Path(args.out).expanduser(), "merged model")  # before the model loads
     base = _base_of(args.source, args.base)
     loaded = open_model(base)
     peft_model = load_adapter(loaded, _adapter_folder(args.source))

@@ -6,12 +6,18 @@ from __future__ import annotations
 import os
 import tempfile
 
+from studio.core.logs import QUIET_ENVIRONMENT
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # the studio's log (and the libraries' notices it collects) goes to a scratch folder, not the tester's own
 os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="lora-studio-test-state-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on 2 cores
+# what `lora-studio` sets before it imports the libraries: tests that call studio.cli.main in this process see the
+# stderr a person would (no library progress bars), though the libraries were imported before main() ran
+for _name, _value in QUIET_ENVIRONMENT.items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 
@@ -52,3 +58,22 @@ def tiny_llama():
         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
     )
     return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, default_tokenizer):
+    """A random 2-layer Llama saved to a folder with the default model's tokenizer: what a real `lora-studio train`
+    subprocess can open in a fraction of a second and train at milliseconds a step."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(default_tokenizer), tie_word_embeddings=True, bos_token_id=default_tokenizer.bos_token_id,
+        eos_token_id=default_tokenizer.eos_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from studio.core import run_layout
 
@@ -156,24 +156,46 @@ def to_record(event: Event) -> dict[str, Any]:
 
 class Recorder:
     """Forwards events to the caller and appends them to metrics.jsonl (flushed per event: a crash loses nothing).
-    `write=False` (the processes of a multi-process run other than the main one) writes nothing."""
+    `write=False` (the processes of a multi-process run other than the main one) writes nothing. A write that fails
+    (a full disk) raises its OSError, except for the Failed event: that one reaches the caller even when there is
+    no room left to record it."""
 
     def __init__(self, run_dir: Path, on_event: Callable[[Event], None], *, write: bool = True):
         self.path = run_dir / run_layout.METRICS
         self.on_event = on_event
-        self.handle = self.path.open("a") if write else None
+        self.handle = _append_to(self.path) if write else None
 
     def __call__(self, event: Event) -> None:
-        if self.handle is None:
-            pass
-        elif not isinstance(event, SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
-            self.handle.write(json.dumps(to_record(event)) + "\n")
-            self.handle.flush()
-        else:
-            with (self.path.parent / run_layout.SPECTRA).open("a") as spectra:
-                spectra.write(json.dumps(to_record(event)) + "\n")
+        try:
+            if self.handle is None:
+                pass
+            elif not isinstance(event, SpectrumSnapshot):  # spectra are large; they go to spectra.jsonl
+                self.handle.write(json.dumps(to_record(event)) + "\n")
+                self.handle.flush()
+            else:
+                with _append_to(self.path.parent / run_layout.SPECTRA) as spectra:
+                    spectra.write(json.dumps(to_record(event)) + "\n")
+        except OSError:
+            if not isinstance(event, Failed):
+                raise
         self.on_event(event)
 
     def close(self) -> None:
-        if self.handle is not None:
+        if self.handle is None:
+            return
+        try:
             self.handle.close()
+        except OSError:  # the last records found no room; the failure was reported as the run's end
+            pass
+
+
+def _append_to(path: Path) -> IO[str]:
+    """Open a records file for appending. A line cut short (the process was killed mid-write) is ended first, so
+    the next record starts a line of its own instead of being glued to the broken one and lost with it."""
+    handle = path.open("a", encoding="utf-8")
+    if handle.tell() > 0:
+        with path.open("rb") as existing:
+            existing.seek(-1, 2)
+            if existing.read(1) != b"\n":
+                handle.write("\n")
+    return handle

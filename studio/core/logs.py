@@ -55,3 +55,13 @@ def send_library_output_to_log(path: Path | None = None) -> Path | None:
         root.setLevel(logging.WARNING)
     logging.getLogger("studio").setLevel(logging.INFO)
     return path
+
+
+def route_library_logger(name: str) -> None:
+    """Send a library's records to the log file only: drop the stderr handler it gave its own logger on import
+    (datasets does, whatever the environment says); the records reach the root's log file handler instead."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+    logger.propagate = True

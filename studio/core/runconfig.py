@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from studio.core.errors import RunConfigError
+from studio.core.errors import RunConfigError, did_you_mean
 from studio.core.files import write_atomic
 
 
@@ -93,43 +96,59 @@ class RunConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
         if not isinstance(data, Mapping):
             raise RunConfigError("a run file must be a mapping with model, plan, data and training sections")
-        _reject_unknown("run file", data, {f.name for f in dataclasses.fields(cls)})
+        _reject_unknown("the run file", data, {f.name for f in dataclasses.fields(cls)})
         model = _section(ModelConfig, data.get("model") or {}, "model")
         training = _section(TrainingConfig, data.get("training") or {}, "training")
-        plan = dict(data.get("plan") or {})
+        plan = _mapping(data.get("plan"), "plan")
+        data_section = _mapping(data.get("data"), "data")
         if not plan.get("targets") and not model.adapter:
-            raise RunConfigError("plan.targets is missing: name a preset (all-linear, attention, ...) or modules")
-        if not (data.get("data") or {}).get("train_path"):
-            raise RunConfigError("data.train_path is missing: the training file to read")
+            raise RunConfigError("plan.targets is missing: name a preset (all-linear, attention, ...) or modules"
+                                 + _misspelt("plan", plan, "targets"))
+        if not data_section.get("train_path"):
+            raise RunConfigError("data.train_path is missing: the training file to read"
+                                 + _misspelt("data", data_section, "train_path"))
+        for key in ("train_path", "val_path"):
+            if data_section.get(key) is not None and not isinstance(data_section[key], str):
+                raise RunConfigError(f"data.{key} must be a file or folder path, got {_shown(data_section[key])}")
         config = cls(
             model=model,
             plan=plan,
-            data=dict(data["data"]),
+            data=data_section,
             training=training,
-            output_dir=str(data.get("output_dir") or "runs"),
-            run_name=data.get("run_name"),
+            output_dir=_text(data.get("output_dir"), "output_dir") or "runs",
+            run_name=_text(data.get("run_name"), "run_name"),
         )
         config.check()
         return config
 
     def check(self) -> None:
         t = self.training
-        _require(t.learning_rate > 0, "training.learning_rate must be positive")
+        _require(math.isfinite(t.learning_rate) and t.learning_rate > 0,
+                 f"training.learning_rate must be a positive number, got {t.learning_rate:g}")
         _require(t.max_steps >= 1, "training.max_steps must be at least 1")
         _require(t.batch_size >= 1, "training.batch_size must be at least 1")
         _require(t.gradient_accumulation >= 1, "training.gradient_accumulation must be at least 1")
         _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
-        _require(t.schedule in ("cosine", "linear", "constant"), "training.schedule: use cosine, linear or constant")
-        _require(t.optimizer in ("adamw", "adamw-8bit"), "training.optimizer: use adamw or adamw-8bit")
-        _require(t.precision in ("auto", "no", "bf16", "fp16"), "training.precision: use auto, no, bf16 or fp16")
+        _require(t.weight_decay >= 0, "training.weight_decay must be >= 0")
+        _one_of("training.schedule", t.schedule, ("cosine", "linear", "constant"))
+        _one_of("training.optimizer", t.optimizer, ("adamw", "adamw-8bit"))
+        _one_of("training.precision", t.precision, ("auto", "no", "bf16", "fp16"))
         _require(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 turns clipping off)")
-        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples"):
+        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples", "keep_checkpoints"):
             _require(getattr(t, name) >= 0, f"training.{name} must be >= 0")
         for name in ("fused_loss", "compile_layers"):
             value = getattr(t, name)
             _require(isinstance(value, bool) or value == "auto",
                      f"training.{name}: use true, false or auto, got {value!r}")
-        _require(self.model.task in ("causal-lm", "seq-cls"), "model.task: use causal-lm or seq-cls")
+        m = self.model
+        _one_of("model.task", m.task, ("causal-lm", "seq-cls"))
+        _require(m.task != "seq-cls" or m.num_labels >= 2, "model.num_labels must be at least 2 for seq-cls")
+        if m.dtype is not None:
+            _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+        if m.quantization is not None:
+            _one_of("model.quantization", m.quantization, ("4bit", "8bit"))
+        _require(m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", m.device) is not None,
+                 f"model.device: use auto, cpu, cuda or cuda:N, got {m.device!r}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -137,29 +156,94 @@ def _require(condition: bool, message: str) -> None:
         raise RunConfigError(message)
 
 
+def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = did_you_mean(value, allowed) or f": use {', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise RunConfigError(f"{where} cannot be {value!r}{hint}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the run file spells it: null, true, 2.5, 'text'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(key) for key in set(data) - known)
     if unknown:
-        raise RunConfigError(f"unknown field(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        hint = did_you_mean(unknown[0], known) or f" (known: {', '.join(sorted(known))})"
+        raise RunConfigError(f"unknown field `{unknown[0]}` in {where}{hint}")
+
+
+def _misspelt(where: str, data: Mapping[str, Any], wanted: str) -> str:
+    """" (is `trian_path` meant to be train_path?)" when a key of `data` is a near miss for the missing one."""
+    near = difflib.get_close_matches(wanted, [str(key) for key in data], n=1, cutoff=0.6)
+    return f" (is {where}.{near[0]} meant to be {wanted}?)" if near else ""
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RunConfigError(f"`{where}` must be a mapping of fields, got {_shown(value)}")
+    return dict(value)
+
+
+def _text(value: Any, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RunConfigError(f"{where} must be text, got {_shown(value)}")
 
 
 def _section(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise RunConfigError(f"`{where}` must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = _mapping(data, where)
     _reject_unknown(where, data, set(fields))
-    values = {}
-    for name, value in data.items():
-        default = getattr(cls(), name)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise RunConfigError(f"{where}.{name} must be true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
-            try:
-                value = type(default)(value)
-            except (TypeError, ValueError):
-                raise RunConfigError(f"{where}.{name} must be a number, got {value!r}") from None
-        values[name] = value
-    return cls(**values)
+    defaults = cls()
+    return cls(**{name: _coerce(f"{where}.{name}", value, getattr(defaults, name), fields[name].type)
+                  for name, value in data.items()})
+
+
+def _coerce(where: str, value: Any, default: Any, annotation: Any) -> Any:
+    """`value` as the type of the field's default; RunConfigError naming the field when it cannot be one."""
+    if "bool | str" in str(annotation):  # true, false or auto: checked by RunConfig.check
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{where} must be true or false, got {_shown(value)}")
+        return value
+    if isinstance(default, (int, float)):
+        number = _number(where, value)
+        if isinstance(default, float):
+            return number
+        if not float(number).is_integer():
+            raise RunConfigError(f"{where} must be a whole number, got {_shown(value)}")
+        return int(number)
+    if value is None and "None" in str(annotation):
+        return None
+    if not isinstance(value, str):
+        raise RunConfigError(f"{where} must be text, got {_shown(value)}")
+    return value
+
+
+def _number(where: str, value: Any) -> float | int:
+    """A finite number from a YAML value (a string such as "1e-4" too: YAML 1.1 reads that as text)."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, str)):
+        raise RunConfigError(f"{where} must be a number, got {_shown(value)}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RunConfigError(f"{where} must be a number, got {_shown(value)}") from None
+    if not math.isfinite(value):
+        raise RunConfigError(f"{where} must be a finite number, got {_shown(value)}")
+    return value
 
 
 def load(path: str | Path) -> RunConfig:
@@ -167,16 +251,30 @@ def load(path: str | Path) -> RunConfig:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise RunConfigError(f"cannot read the run file {path}: {exc.strerror or exc}") from exc
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RunConfigError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): save it as "
+                             "UTF-8") from exc
+    try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character: YAML allows none but tab and line breaks
+        line = text.count("\n", 0, exc.position) + 1
+        raise RunConfigError(f"{path} is not valid YAML at line {line}: it holds the control character "
+                             f"{chr(exc.character)!r}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise RunConfigError(f"{path} is not valid YAML{where}") from exc
-    config = RunConfig.from_dict(data or {})
+    except RecursionError as exc:
+        raise RunConfigError(f"{path} is nested too deeply to be a run file") from exc
+    if data is None:
+        raise RunConfigError(f"{path} is empty: write a run file with `lora-studio init-run`")
+    config = RunConfig.from_dict(data)
     return _resolve_paths(config, path.parent)
 
 

@@ -31,7 +31,7 @@ from studio.core.data.formats import (
     resolve_columns,
 )
 from studio.core.data.tables import Record, Table, TxtMode, read_table
-from studio.core.errors import DataError
+from studio.core.errors import DataError, did_you_mean
 from studio.core.resources import resources_root
 
 FormatChoice = Literal["auto", "text", "instruction", "chat", "classification"]
@@ -61,7 +61,8 @@ class DataSpec:
         if not str(self.train_path).strip():
             raise DataError("no training data given: choose a file")
         if self.format not in ("auto", *FORMATS):
-            raise DataError(f"unknown data format {self.format!r}: use auto, {', '.join(FORMATS)}")
+            raise DataError(f"unknown data format {self.format!r}{did_you_mean(self.format, FORMATS)} (use auto, "
+                            f"{', '.join(FORMATS)})")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise DataError(f"max_length must be an integer of at least 2, not {self.max_length!r}")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
@@ -84,16 +85,25 @@ class DataSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
-            raise DataError(f"unknown data settings {unknown}; known: {', '.join(sorted(known))}")
+            hint = did_you_mean(unknown[0], known) or f" (known: {', '.join(sorted(known))})"
+            raise DataError(f"unknown data setting `{unknown[0]}`{hint}")
         if "train_path" not in data:
             raise DataError("the data settings need a train_path")
         values = dict(data)
-        if not isinstance(values.get("columns", {}), Mapping):
+        for key in ("train_path", "val_path"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                raise DataError(f"data.{key} must be a file or folder path, got {values[key]!r}")
+        if not isinstance(values.get("columns") or {}, Mapping):
             raise DataError("data columns must map roles to column names, e.g. {response: answer}")
         values["columns"] = {str(k): str(v) for k, v in (values.get("columns") or {}).items()}
-        values["label_names"] = tuple(str(n) for n in values.get("label_names") or ())
+        names = values.get("label_names") or ()
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise DataError(f"data.label_names must be a list of class names, got {names!r}")
+        values["label_names"] = tuple(str(n) for n in names)
+        if not isinstance(values.get("packing", False), bool):
+            raise DataError(f"data.packing must be true or false, got {values['packing']!r}")
         try:
             values["val_fraction"] = float(values.get("val_fraction") or 0.0)
             values["seed"] = int(values.get("seed", 0))
@@ -215,7 +225,7 @@ def prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
         good, problems = _render(formatter, table.records)
         rendered.append(good)
         bad.append(problems)
-    label_names = _label_names(spec.label_names, [r.label for part in rendered for _, r in part]) if (
+    label_names = class_names(spec.label_names, [r.label for part in rendered for _, r in part]) if (
         fmt == "classification") else ()
     parts: list[list[Example]] = []
     for part, problems in zip(rendered, bad):
@@ -260,8 +270,9 @@ def _render(formatter: RowFormatter, records: Sequence[Record]) -> tuple[list[tu
     return good, bad
 
 
-def _label_names(given: tuple[str, ...], labels: Sequence[str | int]) -> tuple[str, ...]:
-    """Class names in id order: the given ones; else 0..max for integer labels; else the names sorted."""
+def class_names(given: tuple[str, ...], labels: Sequence[str | int]) -> tuple[str, ...]:
+    """Class names in id order: the given ones; else 0..max for integer labels; else the names sorted. `labels` are
+    valid labels (names, or integers of 0 or more) as the formatter reads them."""
     if given:
         return given
     if labels and all(isinstance(v, int) or v.isdigit() for v in labels):

@@ -20,6 +20,7 @@ produces in one piece.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
@@ -101,9 +102,12 @@ def resolve_columns(fmt: Format, columns: Sequence[str], mapping: Mapping[str, s
         column = mapping.get(role) or _find_column(columns, role, taken)
         if column is None:
             if role in REQUIRED_ROLES[fmt]:
+                names = ROLE_COLUMNS[role]
+                near = [c for c in columns if c not in taken and difflib.get_close_matches(c.lower(), names)]
+                advice = f"is `{near[0]}` the {role} column? map it explicitly" if near else "map one explicitly"
                 raise DataError(
                     f"the {fmt} format needs a {role} column (one of {', '.join(ROLE_COLUMNS[role])}); the data has "
-                    f"{', '.join(columns) or 'no columns'}: map one explicitly"
+                    f"{', '.join(columns) or 'no columns'}: {advice}"
                 )
             continue
         resolved[role] = column

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from studio.core.errors import DataError
+from studio.core.logs import route_library_logger
 
 TxtMode = Literal["file", "blocks"]
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
@@ -128,6 +129,9 @@ def _read_jsonl(path: Path) -> list[Record]:
             except json.JSONDecodeError as exc:
                 records.append(Record(file, row, None, f"is not valid JSON ({exc.msg} at column {exc.colno})"))
                 continue
+            except RecursionError:
+                records.append(Record(file, row, None, "is nested too deeply to read"))
+                continue
             records.append(_object_record(file, row, value))
     return records
 
@@ -151,6 +155,8 @@ def _read_json(path: Path) -> list[Record]:
         if exc.msg == "Extra data":  # several JSON values: JSON lines under a .json name
             return _read_jsonl(path)
         raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path} is nested too deeply to read") from exc
     if isinstance(data, dict):  # {"data": [...]} and the like: one list of rows under one key
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -166,6 +172,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
     quiet = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    route_library_logger("datasets")  # its stderr handler would print a second line for a broken file
     try:
         table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - pyarrow and datasets raise many types for a broken file

@@ -79,8 +79,9 @@ def export_adapter_gguf(
     Progress covers the whole job: opening the base is its first fifth, the export (export_gguf) the rest."""
     from studio.core.model.loading import open_model
 
-    read_adapter_info(adapter_dir)  # a wrong folder fails now, not after the base model has loaded
+    read_adapter_info(adapter_dir)  # a wrong folder or output path fails now, not after the base model has loaded
     _check_out_type(out_type)
+    _target_file(out_path)
     loaded = open_model(base, on_progress=scaled(on_progress, 0.0, 0.2, stage="open"))
     peft_model = load_adapter(loaded, adapter_dir)
     source = loaded.source

@@ -200,7 +200,9 @@ def open_model(
         kwargs["device_map"] = {"": device if ":" in device else 0}
     try:
         model = _auto_class(task).from_pretrained(folder, **_task_kwargs(task, num_labels), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted below: a damaged or foreign file is the user's to fix
+        if not _unreadable_weights(exc):
+            raise
         raise ModelSourceError(f"cannot load the weights of {src.display_name}: {first_line(exc)}") from exc
     if quantization is None:
         model.to(device)
@@ -209,6 +211,12 @@ def open_model(
     model.eval()
     report(Progress("ready", 1.0, f"{src.display_name} is ready"))
     return LoadedModel(model, tokenizer, src, task, False, dtype, device, quantization, str(folder))
+
+
+def _unreadable_weights(exc: BaseException) -> bool:
+    """Whether loading failed on the files (torn, foreign, mismatched) rather than on a bug: safetensors raises its
+    own type for a torn file, torch a RuntimeError for a torn .bin or a shape that does not fit the config."""
+    return isinstance(exc, (OSError, ValueError, KeyError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
 
 
 def _check_quantization_possible(quantization: str) -> None:
@@ -272,7 +280,7 @@ def _open_plan_only(
     try:
         with torch.device("meta"), no_init_weights():
             model = _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: a size torch cannot make a tensor of
         raise ModelSourceError(f"cannot build {src.display_name} from its config: {first_line(exc)}") from exc
     model.tie_weights()  # skipped under no_init_weights; tied embeddings must count once, as with real weights
     report(Progress("ready", 1.0, f"{src.display_name} opened in plan mode (no weights)"))
@@ -290,6 +298,9 @@ def _config_from_json(path: Path, trust_remote_code: bool) -> Any:
     model_type = data.pop("model_type", None) if isinstance(data, dict) else None
     if not model_type:
         raise ModelSourceError(f"{path} has no `model_type`, so the architecture is unknown")
+    negative = _negative_size(data)
+    if negative is not None:
+        raise ModelSourceError(f"{path}: {negative[0]} is {negative[1]}; a size or count must be positive")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
@@ -298,6 +309,19 @@ def _config_from_json(path: Path, trust_remote_code: bool) -> Any:
         raise ModelSourceError(f"{path} is not a valid {model_type} config: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - config classes validate fields with their own error types
         raise ModelSourceError(f"{path} is not a valid {model_type} config: {first_line(exc)}") from exc
+
+
+def _negative_size(data: dict[str, Any]) -> tuple[str, int] | None:
+    """The first size or count below zero in a config (hidden_size, num_hidden_layers, ...; nested configs too)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found = _negative_size(value)
+            if found is not None:
+                return (f"{key}.{found[0]}", found[1])
+        elif isinstance(value, int) and not isinstance(value, bool) and value < 0 and (
+                key.endswith(("_size", "_dim", "_layers", "_heads")) or key.startswith(("num_", "n_"))):
+            return (key, value)
+    return None
 
 
 def _weights_folder(src: ModelSource, trust_remote_code: bool, report: ProgressCallback) -> tuple[str, str]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from studio.core.errors import PlanError
 from studio.core.model.inventory import DTYPE_BYTES, ModuleTree
 from studio.core.model.plan import LoraPlan, PlanCounts
 
@@ -117,6 +118,9 @@ def estimate(
     the tree), safe to call on every slider move. `counts`: `plan.count(tree, plan)`, which the caller has already
     made (the adapter panel shows it too). `chunked_loss`: the engine's one-GPU default; it does not apply when the
     output head is adapted or saved, nor on several GPUs."""
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("number of GPUs", gpus)):
+        if value < 1:
+            raise PlanError(f"the {name} must be at least 1, got {value}")
     dtype_bytes = DTYPE_BYTES.get(compute_dtype, 2)
     weights = 0.0
     for info in tree.modules.values():

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from studio.core.errors import PlanError
+from studio.core.errors import PlanError, did_you_mean
 from studio.core.model.adapter_keys import lora_keys, saved_key
 from studio.core.model.inventory import DTYPE_BYTES, SEQ_CLS_HEAD_NAMES, ModuleTree
 
@@ -72,18 +72,31 @@ class LoraPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraPlan":
+        """A plan from its fields as a run file holds them; PlanError naming the field that is wrong."""
         known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
+        unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
-            raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
+            hint = did_you_mean(unknown[0], known) or f" (known: {', '.join(sorted(known))})"
+            raise PlanError(f"unknown plan field `{unknown[0]}`{hint}")
         values = dict(data)
         for key in ("targets", "modules_to_save"):
             if key in values:
-                values[key] = tuple(values[key] or ())
-        for key in ("rank_overrides", "alpha_overrides"):
+                values[key] = _names(key, values[key])
+        for key, kind in (("rank_overrides", int), ("alpha_overrides", float)):
             if key in values:
-                values[key] = dict(values[key] or {})
-        return cls(**values)
+                overrides = values[key] or {}
+                if not isinstance(overrides, Mapping):
+                    raise PlanError(f"plan.{key} must map module names to numbers, got {overrides!r}")
+                values[key] = {str(name): _plan_number(f"plan.{key}[{name}]", v, kind) for name, v in overrides.items()}
+        for key, kind in (("rank", int), ("alpha", float), ("dropout", float)):
+            if key in values:
+                values[key] = _plan_number(f"plan.{key}", values[key], kind)
+        for key in ("bias", "variant", "init"):
+            if key in values and not isinstance(values[key], str):
+                raise PlanError(f"plan.{key} must be text, got {values[key]!r}")
+        plan = cls(**values)
+        check_values(plan)
+        return plan
 
 
 @dataclass(frozen=True)
@@ -123,18 +136,48 @@ def effective_modules_to_save(tree: ModuleTree, plan: LoraPlan) -> list[str]:
     return names
 
 
-def validate(tree: ModuleTree, plan: LoraPlan) -> None:
-    """Raise PlanError with an actionable message when PEFT could not build this plan or it makes no sense."""
-    if not plan.targets:
-        raise PlanError("no target modules selected: tick at least one layer or pick a preset")
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"plan.{key} must be a name or a list of names, got {value!r}")
+    return tuple(value)
+
+
+def _plan_number(where: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"{where} must be a {'whole ' if kind is int else ''}number, got {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise PlanError(f"{where} must be a whole number, got {value!r}")
+    return kind(value)
+
+
+def check_values(plan: LoraPlan) -> None:
+    """The checks that need no model: rank, alpha, dropout and the named choices. PlanError when one is wrong."""
     if plan.variant not in VARIANTS:
-        raise PlanError(f"unknown variant {plan.variant!r}: use one of {', '.join(VARIANTS)}")
+        raise PlanError(f"unknown variant {plan.variant!r}{did_you_mean(plan.variant, VARIANTS)} "
+                        f"(use one of {', '.join(VARIANTS)})")
     if plan.bias not in BIAS_MODES:
         raise PlanError(f"unknown bias mode {plan.bias!r}: use one of {', '.join(BIAS_MODES)}")
     if plan.init not in INIT_METHODS:
         raise PlanError(f"unknown init {plan.init!r}: use one of {', '.join(INIT_METHODS)}")
     if not 0.0 <= plan.dropout < 1.0:
         raise PlanError(f"dropout must be in [0, 1), got {plan.dropout}")
+    for where, rank in [("rank", plan.rank), *((f"the rank of {n}", r) for n, r in plan.rank_overrides.items())]:
+        if rank < 1:
+            raise PlanError(f"{where} must be at least 1, got {rank}")
+    for where, alpha in [("alpha", plan.alpha), *((f"the alpha of {n}", a) for n, a in plan.alpha_overrides.items())]:
+        if not alpha > 0:
+            raise PlanError(f"{where} must be positive, got {alpha:g}")
+
+
+def validate(tree: ModuleTree, plan: LoraPlan) -> None:
+    """Raise PlanError with an actionable message when PEFT could not build this plan or it makes no sense."""
+    if not plan.targets:
+        raise PlanError("no target modules selected: tick at least one layer or pick a preset")
+    check_values(plan)
     for name in list(plan.rank_overrides) + list(plan.alpha_overrides):
         if name not in plan.targets:
             raise PlanError(f"an override is set for {name}, which is not a target")
@@ -145,15 +188,11 @@ def validate(tree: ModuleTree, plan: LoraPlan) -> None:
         if not info.targetable:
             raise PlanError(f"cannot target {name}: {info.why_not}")
         r = plan.rank_of(name)
-        if r < 1:
-            raise PlanError(f"rank must be at least 1 (got {r} for {name})")
         smallest = min(info.in_features or 0, info.out_features or 0)
         if r > smallest:
             raise PlanError(
                 f"rank {r} is larger than {name} ({info.shape}): use a rank of at most {smallest} for it"
             )
-        if plan.alpha_of(name) <= 0:
-            raise PlanError(f"alpha must be positive (got {plan.alpha_of(name)} for {name})")
 
 
 def count(tree: ModuleTree, plan: LoraPlan) -> PlanCounts:

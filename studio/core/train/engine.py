@@ -42,7 +42,9 @@ from studio.core.train.checkpoints import (
     truncate_metrics,
 )
 from studio.core.train.control import TrainControl
+from studio.core.train.preflight import check_run
 from studio.core.train.processes import Processes, clear_request, lost_a_peer, read_request
+from studio.core.train.run_folder import remove_leftovers
 
 EventCallback = Callable[[ev.Event], None]
 
@@ -82,37 +84,41 @@ def train(
         return failed
     if not procs.is_main:
         emit_to_caller = lambda _e: None  # noqa: E731 - listeners hear the main process only
+    new_run = resume_from is None
+    checkpoint: Path | None = None
     if resume_from is not None:
         checkpoint = Path(resume_from)
         if is_run_folder(checkpoint):
             run_dir = checkpoint
-            checkpoint = latest_checkpoint(checkpoint)  # type: ignore[assignment]
-            if checkpoint is None:
+            checkpoint = latest_checkpoint(checkpoint)
+            if checkpoint is None and (run_dir / run_layout.ADAPTER).is_dir():
                 failed = ev.Failed(f"{run_dir} has no checkpoint to resume from", 0)
                 emit_to_caller(failed)
                 return failed
-        run_dir = Path(run_dir or checkpoint.parent.parent)
+            # a run killed before its first checkpoint resumes from the start
+        run_dir = Path(run_dir or checkpoint.parent.parent)  # type: ignore[union-attr]
     else:
         config = with_absolute_paths(config)
         run_dir = procs.agree(Path(run_dir) if run_dir is not None else new_run_dir(config))
-        checkpoint = None
     try:
         if procs.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             clear_request(run_dir)
-            if checkpoint is None:
+            if new_run:
                 write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
             else:
-                truncate_metrics(run_dir, read_state(checkpoint).step)
+                remove_leftovers(run_dir)
+                truncate_metrics(run_dir, read_state(checkpoint).step if checkpoint is not None else 0)
+        emit = ev.Recorder(run_dir, emit_to_caller, write=procs.is_main)
     except (OSError, StudioError) as exc:
         failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
         emit_to_caller(failed)
         return failed
     procs.barrier()
 
-    emit = ev.Recorder(run_dir, emit_to_caller, write=procs.is_main)
     state = RunState()
     try:
+        check_run(config, model=loaded is None)  # before seconds of loading: a run that cannot work stops here
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
             return _loop(_setup(config, procs, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
     except TrainingError as exc:
@@ -132,9 +138,13 @@ def train(
             message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
                        "on gradient checkpointing, or load the base in 4-bit")
             return _fail(emit, message, state, run_dir)
-        log = run_dir / f"error{'' if procs.is_main else f'-{procs.rank}'}.log"
-        log.write_text(traceback.format_exc())  # every process may fail on its own: each keeps its own log
-        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {log}", state, run_dir)
+        log = run_dir / f"error{'' if procs.is_main else f'-{procs.rank}'}.log"  # each process may fail alone
+        try:
+            write_atomic(log, traceback.format_exc())
+            details = f"details in {log}"
+        except StudioError as log_failure:  # no room for the log (a full disk): say so instead
+            details = f"no details kept ({log_failure})"
+        return _fail(emit, f"internal error ({type(exc).__name__}: {first_line(exc)}); {details}", state, run_dir)
     finally:
         emit.close()
 

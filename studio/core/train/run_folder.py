@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,23 @@ class RunCurves:
 
     losses: tuple[tuple[int, float], ...]
     val_losses: tuple[tuple[int, float], ...]
+
+
+# what the studio's writers stage or set aside beside a run's files (files.py, checkpoints.py) and what a killed
+# process leaves behind: `.adapter.partial-*`, `.adapter.old-*`, `.run.yaml.<random>`, `checkpoints/.step-*`
+LEFTOVER_PATTERNS = (".adapter.partial-*", ".adapter.old-*", ".run.yaml.*", ".metrics.jsonl.*", ".error.log.*",
+                     "checkpoints/.step-*")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the hidden staging files and folders a killed run left in its folder; returns what went."""
+    removed = [p for pattern in LEFTOVER_PATTERNS for p in folder.glob(pattern)]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def read_records(folder: Path, name: str = run_layout.METRICS) -> list[dict[str, Any]]:

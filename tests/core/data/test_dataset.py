@@ -453,7 +453,7 @@ def test_spec_round_trips_through_a_dict_and_rejects_bad_values():
     data = spec.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert DataSpec.from_dict(data) == spec
-    with pytest.raises(DataError, match="unknown data settings \\['maxlen'\\]"):
+    with pytest.raises(DataError, match="unknown data setting `maxlen`: did you mean `max_length`\\?"):
         DataSpec.from_dict({"train_path": "a", "maxlen": 3})
     with pytest.raises(DataError, match="either a validation file or a validation fraction"):
         DataSpec("a", val_path="b", val_fraction=0.1)
