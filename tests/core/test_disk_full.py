@@ -20,7 +20,7 @@ from studio.core.data.dataset import DEMO_DIR
 from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
 from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.engine import resume, train
-from studio.core.train.run_folder import read_run
+from studio.core.train.run_folder import read_curves
 
 FULL = "No space left on device"
 
@@ -79,7 +79,7 @@ def config_for(model: Path, data: Path, **training) -> RunConfig:
 def reference(tiny_llama_folder, data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("disk-full-reference") / "run"
     assert isinstance(train(config_for(tiny_llama_folder, data), run_dir=run_dir), ev.Finished)
-    return read_run(run_dir).losses
+    return read_curves(run_dir).losses
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -111,7 +111,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes_once
     (small_disk / "filler").unlink()
     resumed = resume(run_dir)
     assert isinstance(resumed, ev.Finished), resumed
-    assert read_run(run_dir).losses == reference  # step-2 was whole: the run goes on as if nothing happened
+    assert read_curves(run_dir).losses == reference  # step-2 was whole: the run goes on as if nothing happened
 
 
 def test_a_full_disk_during_the_adapter_save_fails_in_one_line_and_leaves_no_partial_folder(
@@ -128,7 +128,7 @@ def test_a_full_disk_during_the_adapter_save_fails_in_one_line_and_leaves_no_par
 
     (small_disk / "filler").unlink()
     assert isinstance(resume(run_dir), ev.Finished)
-    assert read_run(run_dir).losses == reference
+    assert read_curves(run_dir).losses == reference
 
 
 def test_the_error_log_is_written_only_when_there_is_room(small_disk, tiny_llama_folder, data):

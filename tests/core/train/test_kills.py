@@ -37,7 +37,7 @@ from studio.core.data.dataset import DEMO_DIR
 from studio.core.runconfig import load
 from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.engine import resume, train
-from studio.core.train.run_folder import read_run
+from studio.core.train.run_folder import read_curves, read_run
 
 MAX_STEPS = 12
 LAST_CHECKPOINT = 10  # save_every 2: checkpoints at steps 2 to 10; the last step writes the adapter instead
@@ -80,11 +80,11 @@ def kill_run_file(tiny_llama_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(kill_run_file, tmp_path_factory):
-    """The uninterrupted run: its summary (losses step by step) and its final adapter's tensors."""
+    """The uninterrupted run: its loss curves (step by step) and its final adapter's tensors."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     result = train(load(kill_run_file), run_dir=run_dir)
     assert isinstance(result, ev.Finished), result
-    return read_run(run_dir), load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    return read_curves(run_dir), load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
 def _staged(run_dir: Path) -> dict[str, set[int]]:
@@ -215,7 +215,7 @@ def _resume_step(run_dir: Path) -> int:
 
 def _check_survives(run_dir: Path, copy: Path, reference) -> None:
     """The checks after a kill, on a copy of the killed run folder (the original goes on to the next kill)."""
-    expected_summary, expected_tensors = reference
+    expected_curves, expected_tensors = reference
     shutil.copytree(run_dir, copy)
     summary = read_run(copy)  # as the runs list reads it
     assert summary.steps_done <= MAX_STEPS
@@ -227,10 +227,10 @@ def _check_survives(run_dir: Path, copy: Path, reference) -> None:
     result = resume(copy)
     assert isinstance(result, ev.Finished), result
     assert result.step == MAX_STEPS and not result.stopped_early
-    finished = read_run(copy)
-    assert finished.status == "finished"
-    assert finished.losses == expected_summary.losses  # step by step, exactly
-    assert finished.val_losses == expected_summary.val_losses
+    assert read_run(copy).status == "finished"
+    finished = read_curves(copy)
+    assert finished.losses == expected_curves.losses  # step by step, exactly
+    assert finished.val_losses == expected_curves.val_losses
     tensors = load_file(str(copy / "adapter" / "adapter_model.safetensors"))
     assert tensors.keys() == expected_tensors.keys()
     assert all(tensors[k].equal(expected_tensors[k]) for k in tensors)
@@ -338,4 +338,4 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_from_the_start(kill
     assert isinstance(first, ev.Failed) and latest_checkpoint(run_dir) is None
     result = resume(run_dir)
     assert isinstance(result, ev.Finished) and result.step == MAX_STEPS
-    assert read_run(run_dir).losses == reference[0].losses
+    assert read_curves(run_dir).losses == reference[0].losses
