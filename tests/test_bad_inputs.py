@@ -31,7 +31,7 @@ from studio.core.errors import StudioError
 from studio.core.model import inventory
 from studio.core.model.loading import open_model, require_weights
 from studio.core.model.memory import estimate
-from studio.core.model.plan import LoraPlan, check_values, validate
+from studio.core.model.plan import LoraPlan, check_values, count, validate
 from studio.core.train.engine import resume, train
 from studio.core.train.preflight import check_run
 
@@ -365,7 +365,7 @@ MODEL_SOURCES: dict[str, Callable[[World], Case]] = {
         w.run_file(model={"adapter": str(w.fresh())}, plan={}), "is not a PEFT adapter folder: it has no "
                                                                "adapter_config.json"),
     "model: a torn adapter (spectrum)": lambda w: (lambda f: Case(
-        ["spectrum", str(f)], "adapter_model.safetensors is not a readable safetensors file: re-save the adapter",
+        ["spectrum", str(f)], "adapter_model.safetensors is damaged or not a weights file",
         lambda: read_adapter_spectra(f)))(_torn_adapter(w)),
     "model: a torn adapter (generate)": lambda w: (lambda f: Case(
         ["generate", str(w.tiny), "--adapter", str(f), "--prompt", "hi"],
@@ -481,7 +481,8 @@ def _validate_on_tiny(w: World, **fields) -> None:
 
 def _estimate_on_tiny(w: World, batch: int = 1, seq_len: int = 512) -> None:
     tree = _tree_of_tiny(w)
-    estimate(tree, LoraPlan(targets=tuple(inventory.select(tree, "q_proj"))), batch_size=batch, seq_len=seq_len)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "q_proj")))
+    estimate(tree, plan, count(tree, plan), batch_size=batch, seq_len=seq_len)
 
 
 def _run_with_only(w: World, name: str, *, adapter: bool) -> Path:

@@ -143,7 +143,9 @@ def describe(event: Event) -> str | None:
                 f"adapter saved to {event.adapter_dir}")
     if isinstance(event, Failed):
         where = f" (last checkpoint: {event.checkpoint})" if event.checkpoint else ""
-        return f"Failed at step {event.step}: {event.message}{where}"
+        # a run refused before its first step is not said to have failed "at step 0"
+        when = f"Failed at step {event.step}: " if event.step else ""
+        return f"{when}{event.message}{where}"
     return None
 
 

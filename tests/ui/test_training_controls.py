@@ -149,7 +149,8 @@ def test_a_run_that_fails_shows_the_one_line_reason_in_a_dialog_and_the_log(wind
     dialog = panel.failure_dialog
     assert dialog is not None and dialog.isVisible() and dialog.windowTitle() == "Training stopped"
     assert dialog.text() == f"{failed.message}\n\nNo checkpoint was saved before this point."
-    assert f"Failed at step 0: {failed.message}" in panel.log_view.toPlainText()
+    assert ev.describe(failed) == failed.message  # refused before its first step: the reason alone
+    assert failed.message in panel.log_view.toPlainText()
     qtbot.waitUntil(lambda: not panel.session.is_active())
     assert panel.start_button.isEnabled() and not panel.resume_button.isEnabled()
     dialog.close()
