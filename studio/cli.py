@@ -158,7 +158,7 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus", type=int, help="train on N GPUs of this machine (N processes; with model.device: cpu, "
                        "N CPU processes)")
     group.add_argument("--accelerate-config", metavar="FILE",
-                       help="an accelerate config file, or `ddp` / `fsdp` for the shipped ones (default: DDP)")
+                       help="an accelerate config file (DDP), or `ddp` for the shipped one (the default)")
     group.add_argument("--nodes", type=int, default=1, help="machines taking part (run the same command on each)")
     group.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nodes (0: the main one)")
     group.add_argument("--main-address", default="127.0.0.1", help="node 0's address, reachable from every node")
@@ -342,9 +342,7 @@ def _launch_plan(args: argparse.Namespace, device: str) -> Any:
     if args.node_rank > 0 and not args.run_dir:
         raise StudioError("--node-rank > 0 needs --run-dir: the run folder path node 0 writes (a shared one)")
     launch.check_gpus(processes, device)
-    config_file = args.accelerate_config
-    if config_file in launch.ACCELERATE_CONFIGS:
-        config_file = str(launch.accelerate_config(config_file))
+    config_file = str(launch.accelerate_config(args.accelerate_config)) if args.accelerate_config else None
     return launch.Launch(processes, args.nodes, args.node_rank, args.main_address, args.main_port, config_file)
 
 

@@ -40,7 +40,8 @@ from studio.core.train.run_folder import event_from
 
 EVENTS_ENV = "LORA_STUDIO_EVENTS"  # set in the processes' environment: where the main one mirrors its events
 POLL_S = 0.2
-ACCELERATE_CONFIGS = ("ddp", "fsdp")  # resources/accelerate/<name>.yaml
+ACCELERATE_CONFIGS = ("ddp",)  # resources/accelerate/<name>.yaml
+SUPPORTED_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO")  # accelerate's distributed_type values the engine follows
 # torchrun's summary when a process fails: the first one to fail, and its exit code (negative: the signal)
 ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.DOTALL)
 
@@ -59,10 +60,20 @@ class Launch:
 
 
 def accelerate_config(name: str) -> Path:
-    """One of the shipped accelerate configs (`ddp`, `fsdp`)."""
-    if name not in ACCELERATE_CONFIGS:
-        raise TrainingError(f"unknown accelerate config {name!r}: use {', '.join(ACCELERATE_CONFIGS)} or a file")
-    return resources_root() / "accelerate" / f"{name}.yaml"
+    """A shipped accelerate config by name (`ddp`), or a config file the person wrote, checked: the engine follows
+    DDP (one whole model per process); FSDP and DeepSpeed shard the model in ways it does not save or score yet."""
+    path = resources_root() / "accelerate" / f"{name}.yaml" if name in ACCELERATE_CONFIGS else Path(name)
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise TrainingError(f"cannot read the accelerate config {path}: {getattr(exc, 'strerror', None) or exc}")
+    kind = str((settings or {}).get("distributed_type", "NO")) if isinstance(settings, dict) else "?"
+    if kind not in SUPPORTED_TYPES:
+        raise TrainingError(f"{path} asks for {kind}: LoRA Studio trains on several GPUs with DDP "
+                            f"(distributed_type MULTI_GPU); FSDP and DeepSpeed are not supported yet")
+    return path
 
 
 def command(launch: Launch, cli_args: Sequence[str]) -> list[str]:

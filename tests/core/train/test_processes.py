@@ -189,3 +189,11 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_an_accelerate_config_the_engine_cannot_follow_is_refused_in_one_line(tiny_model_folder, tmp_path):
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    refused = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2)), "--accelerate-config", str(fsdp))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "asks for FSDP" in refused.stderr and "not supported yet" in refused.stderr
