@@ -15,7 +15,8 @@ from studio.core.adapters.folder import read_adapter_info
 from studio.core.adapters.loading import load_adapter
 from studio.core.adapters.merging import MergeProgress, merge_and_save
 from studio.core.adapters.saving import save_adapter
-from studio.core.errors import ExportError
+from studio.core.errors import ExportError, WriteError
+from studio.core.files import atomic_folder
 from studio.core.model import inventory, plan
 
 PROBE = "Write one sentence about adapters."
@@ -110,12 +111,17 @@ def test_float32_merge_opens_with_auto_class_and_leaves_the_adapter_model_as_it_
     assert torch.equal(_logits(peft_model, probe), before)
 
 
-def test_bfloat16_merge_writes_bfloat16_weights_and_replaces_an_older_folder(adapted, probe, tmp_path):
+def test_bfloat16_merge_writes_bfloat16_weights_and_replaces_the_studios_earlier_folder(adapted, probe, tmp_path):
     loaded, peft_model, _ = adapted
     before = _logits(peft_model, probe)
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier merge")
+    with atomic_folder(out, "merged model") as staging:
+        (staging / "stale.txt").write_text("from an earlier merge")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a person's")
+    with pytest.raises(WriteError, match="mine holds files the studio did not write"):  # refused before merging
+        merge_and_save(peft_model, loaded.tokenizer, tmp_path / "mine", dtype="bfloat16")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     report = merge_and_save(peft_model, loaded.tokenizer, out, dtype="bfloat16")
     assert torch.equal(_logits(peft_model, probe), before)  # casting the copy left the caller's float32 weights
 
@@ -252,7 +258,7 @@ def test_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # the OS refuses files past 64 KiB, as a full disk
     try:
-        with pytest.raises(ExportError, match=f"cannot write the adapter to {out}: File too large"):
+        with pytest.raises(WriteError, match=f"cannot write the adapter to {out}: File too large"):
             save_adapter(peft_model, out)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -260,5 +266,5 @@ def test_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
     (tmp_path / "a-file").write_text("in the way")
-    with pytest.raises(ExportError, match=r"to .*a-file/adapter: .*a-file is a file, not a folder"):
+    with pytest.raises(WriteError, match=r"to .*a-file/adapter: .*a-file is a file, not a folder"):
         save_adapter(peft_model, tmp_path / "a-file" / "adapter")
