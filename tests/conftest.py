@@ -52,3 +52,20 @@ def tiny_llama():
         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
     )
     return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, default_tokenizer):
+    """A random 2-layer Llama with the default model's tokenizer (and chat template), saved as a model folder: a
+    run on it takes a second or two, in process or as a `lora-studio` subprocess."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(default_tokenizer), tie_word_embeddings=True,
+                         max_position_embeddings=512)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    return folder

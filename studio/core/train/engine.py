@@ -15,31 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import math
 import random
 import shutil
 import time
-import traceback
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from studio.core import events as ev
-from studio.core.errors import StudioError, TrainingError
-from studio.core.files import write_atomic
+from studio.core.errors import DivergedError, StudioError, TrainingError, WriteError, first_line
+from studio.core.files import atomic_folder, write_atomic, write_failure
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
-from studio.core.train.checkpoints import (
-    RunState,
-    latest_checkpoint,
-    load_checkpoint,
-    read_state,
-    save_checkpoint,
-    truncate_metrics,
-)
+from studio.core.train.checkpoints import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from studio.core.train.control import TrainControl
+from studio.core.train.failures import failure_line
+from studio.core.train.resumption import HeldRecord, check_resume, resume_point
 
 EventCallback = Callable[[ev.Event], None]
 
@@ -71,54 +64,58 @@ def train(
     """
     control = control or TrainControl()
     emit_to_caller = on_event or (lambda _e: None)
-    if resume_from is not None:
-        checkpoint = Path(resume_from)
-        if (checkpoint / "run.yaml").is_file():
-            run_dir = checkpoint
-            checkpoint = latest_checkpoint(checkpoint)  # type: ignore[assignment]
-            if checkpoint is None:
-                failed = ev.Failed(f"{run_dir} has no checkpoint to resume from", 0)
-                emit_to_caller(failed)
-                return failed
-        run_dir = Path(run_dir or checkpoint.parent.parent)
-    else:
-        config = _with_absolute_paths(config)
-        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-        checkpoint = None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            write_atomic(run_dir / "run.yaml", dump(config))
+    checkpoint = None
+    emit: ev.Recorder | HeldRecord
+    try:  # nothing below changes a file of an existing run
+        if resume_from is not None:
+            run_dir, checkpoint = resume_point(Path(resume_from), Path(run_dir) if run_dir else None)
+            emit = HeldRecord(run_dir, emit_to_caller, check_resume(config, run_dir, checkpoint), config)
         else:
-            truncate_metrics(run_dir, read_state(checkpoint).step)
-    except (OSError, StudioError) as exc:
-        failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
+            config = _with_absolute_paths(config)
+            run_dir = _new_run_folder(config, run_dir)
+            emit = ev.Recorder(run_dir, emit_to_caller)
+    except (StudioError, OSError) as exc:
+        failed = ev.Failed(first_line(exc) if isinstance(exc, StudioError) else
+                           f"cannot write the run folder {run_dir}: {write_failure(exc)}", 0)
         emit_to_caller(failed)
         return failed
 
-    emit = ev.Recorder(run_dir, emit_to_caller)
     state = RunState()
     try:
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
-            return _loop(_setup(config, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
-    except TrainingError as exc:
-        return _fail(emit, str(exc), state, run_dir)
-    except StudioError as exc:
-        return _fail(emit, str(exc), state, run_dir)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            return _fail(emit, f"the disk is full ({exc.filename or run_dir}): free space, then resume", state, run_dir)
-        return _fail(emit, f"cannot read or write {exc.filename or run_dir}: {exc.strerror or exc}", state, run_dir)
-    except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in the run folder, tell the user where
-        if _is_out_of_memory(exc):
-            message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
-                       "on gradient checkpointing, or load the base in 4-bit")
-            return _fail(emit, message, state, run_dir)
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        return _fail(emit, f"internal error ({type(exc).__name__}: {exc}); details in {run_dir / 'error.log'}",
-                     state, run_dir)
+            run = _setup(config, emit, run_dir, checkpoint, loaded, state, undo)  # type: ignore[arg-type]
+            if isinstance(emit, HeldRecord):
+                emit.commit()
+            return _loop(run, emit, control)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - failures.py: a person's problem in one line, a bug with its traceback
+        if isinstance(exc, DivergedError) and config.training.precision != "fp16":
+            _set_aside_diverged(run_dir, state.step)
+        return _fail(emit, failure_line(exc, state.step, config, run_dir), state, run_dir)
     finally:
         emit.close()
+
+
+def _new_run_folder(config: RunConfig, run_dir: str | Path | None) -> Path:
+    """A new run's folder, with its run.yaml: `run_dir` when it is new or empty (never an existing run, whose
+    metrics and checkpoints a second run would mix with its own), else a new folder under config.output_dir."""
+    if run_dir is None:
+        run_dir = new_run_dir(config)
+    else:
+        run_dir = Path(run_dir).expanduser()
+        if (run_dir / "run.yaml").exists():
+            raise WriteError(f"{run_dir} holds a run already: resume it (lora-studio resume {run_dir}) or choose a "
+                             "new run folder")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise WriteError(f"{run_dir} is not empty: choose a new or empty folder for the run")
+    write_atomic(run_dir / "run.yaml", dump(config))
+    return run_dir
+
+
+def _set_aside_diverged(run_dir: Path, step: int) -> None:
+    """The loss became NaN in the step after `step`: a checkpoint of `step` holds the weights that made it so."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and newest.name == f"step-{step}":
+        set_aside(newest)
 
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
@@ -130,17 +127,11 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).resolve()))
 
 
-def _fail(emit: ev.Recorder, message: str, state: RunState, run_dir: Path) -> ev.Failed:
+def _fail(emit: EventCallback, message: str, state: RunState, run_dir: Path) -> ev.Failed:
     last = latest_checkpoint(run_dir)
     failed = ev.Failed(message.splitlines()[0], state.step, str(last) if last else None)
     emit(failed)
     return failed
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 @dataclass
@@ -312,7 +303,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         # the step's one host sync; float64 sums the micro-batch losses as Python floats did
         loss_sum, grad_norm = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()]).tolist()
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
-            raise TrainingError(
+            raise DivergedError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
                 f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
             )
@@ -428,7 +419,7 @@ def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
     if stopped and state.step > 0:
         emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
     adapter_dir = run.run_dir / "adapter"
-    save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
+    save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source, owned=True)
     if run.tokenizer is not None:
         _save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
     finished = ev.Finished(
@@ -447,20 +438,23 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
     """Copy the tokenizer's own files when it was read from a folder: save_pretrained re-serialises the whole
     vocabulary while holding the interpreter (50-170 ms in which the window cannot repaint)."""
     source = Path(str(getattr(tokenizer, "name_or_path", "")))
-    if not (source / "tokenizer_config.json").is_file():
-        tokenizer.save_pretrained(str(target))
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for pattern in TOKENIZER_FILES:
-        for path in source.glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, target / path.name)
+    with atomic_folder(target, "tokenizer", owned=True) as staging:
+        if not (source / "tokenizer_config.json").is_file():
+            tokenizer.save_pretrained(str(staging))
+        else:
+            for path in (p for pattern in TOKENIZER_FILES for p in source.glob(pattern) if p.is_file()):
+                shutil.copy2(path, staging / path.name)
 
 
 def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: TrainControl | None = None,
            *, max_steps: int | None = None) -> ev.Finished | ev.Failed:
     """Continue a run from its latest checkpoint (optionally with a new step budget)."""
-    config = load(Path(run_dir) / "run.yaml")
+    try:
+        config = load(Path(run_dir) / "run.yaml")
+    except StudioError as exc:
+        failed = ev.Failed(first_line(exc), 0)
+        (on_event or (lambda _e: None))(failed)
+        return failed
     if max_steps is not None:
         config = replace(config, training=replace(config.training, max_steps=max_steps))
     return train(config, on_event, control, resume_from=run_dir)
