@@ -275,15 +275,18 @@ def _keep_mode(existing: Path, new: Path) -> None:
 
 
 def _sync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data, or a folder's entries (where the system can: not Windows, not every file system), to
+    the disk."""
+    folder = path.is_dir()
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP) or not path.is_dir():  # some file systems sync no folders
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not folder:
             raise
-    finally:
-        os.close(fd)
 
 
 def _sync_tree(folder: Path) -> None:
