@@ -28,6 +28,7 @@ from typing import Iterator
 from studio.core.errors import WriteError, first_line
 
 MANIFEST = ".lora-studio-manifest"  # JSON: {"written_by": ..., "entries": {name: [[size, mtime_ns], ...]}}
+DISK_FULL = "the disk is full: free some space, then try again"
 _PARTIAL = re.compile(r"\..+\.partial-[0-9a-f]{8}")  # a temp name of this module's
 
 
@@ -242,13 +243,10 @@ def _fingerprint(path: Path) -> list[int] | None:
 def write_failure(exc: BaseException) -> str | None:
     """The reason a write failed, in words, or None when `exc` is not a write failure (a bug keeps its trace)."""
     if isinstance(exc, OSError):
-        reason = exc.strerror or first_line(exc)
-        return f"the disk is full ({reason}): free some space or choose another folder" if exc.errno == errno.ENOSPC \
-            else reason
+        return DISK_FULL if exc.errno == errno.ENOSPC else exc.strerror or first_line(exc)
     io_error = re.search(r"I/O error: (.+)", str(exc))  # safetensors reports OS errors inside its own type
     if type(exc).__name__ == "SafetensorError" and io_error:
-        return "the disk is full: free some space or choose another folder" if "No space left" in io_error.group(1) \
-            else io_error.group(1)
+        return DISK_FULL if "No space left" in io_error.group(1) else io_error.group(1)
     return None
 
 

@@ -115,7 +115,8 @@ def _set_aside_diverged(run_dir: Path, step: int) -> None:
     """The loss became NaN in the step after `step`: a checkpoint of `step` holds the weights that made it so."""
     newest = latest_checkpoint(run_dir)
     if newest is not None and newest.name == f"step-{step}":
-        set_aside(newest)
+        with contextlib.suppress(OSError):  # not renamed: Resume would meet the NaN again and say so
+            set_aside(newest)
 
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:

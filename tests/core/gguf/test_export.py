@@ -84,7 +84,7 @@ def test_f32_export_runs_in_llama_cpp_with_the_merged_logits(adapted, default_mo
 
     path = tmp_path / "smol.gguf"
     assert report.path == str(path) and report.bytes == path.stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "smol.gguf"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "Modelfile", "smol.gguf"]  # no temp file left
     # measured 8e-5: an f32 file is the torch model, up to float32 summation order
     assert report.verified and report.top1_all_agree and report.tokens_agree
     assert report.max_logit_diff < 1e-3 and report.probe_tokens > 30
