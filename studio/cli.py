@@ -15,6 +15,7 @@ from studio.core.runconfig import ModelConfig, TrainingConfig, field_help
 from studio.core.units import human_bytes
 
 EXIT_USAGE = 2
+FORCE_HELP = "write into a folder that holds other files: they are kept; only files the studio wrote are replaced"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="copy a run's adapter (PEFT format) to a folder")
     export.add_argument("run_dir", help="a run folder")
     export.add_argument("--out", help="where to write it (default: RUN_DIR/export)")
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     merge = sub.add_parser("merge", help="merge an adapter into its base and save a full model folder")
     merge.add_argument("source", help="a run folder or a PEFT adapter folder")
     merge.add_argument("--out", required=True, help="the folder to write the merged model to")
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     merge.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
+    merge.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     from studio.core.gguf.export import GGUF_TYPES
 
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("--type", dest="out_type", choices=GGUF_TYPES, default="f16",
                     help="weight type: f16 keeps the merge nearly exact; q8_0 halves the file")
     gg.add_argument("--base", help="the base model (default: the run's, or the adapter's base_model_name_or_path)")
+    gg.add_argument("--force", action="store_true", help="replace an existing file the studio did not write")
 
     spec = sub.add_parser("spectrum", help="singular values and effective ranks of every update in an adapter")
     spec.add_argument("adapter", help="a PEFT adapter folder or a run folder")
@@ -297,6 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
         config.check()
     check_run(config)  # a run that cannot work is refused before torch is imported and the model loads
+    _warn_about_remote_code(config)
     from studio.core.train.engine import train
 
     if _launches(args):
@@ -313,10 +318,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from studio.core import run_layout, runconfig
+
+    _warn_about_remote_code(runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE))
     from studio.core.train.engine import resume
 
     if _launches(args):
-        from studio.core import run_layout, runconfig
         from studio.core.train import launch
 
         plan = _launch_plan(args, runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE).model.device)
@@ -355,6 +362,14 @@ def _lend_gpus(args: argparse.Namespace, plan: Any, cli_args: list[str]) -> int:
     code = subprocess.run(launch.command(plan, cli_args)).returncode
     print(f"node {args.node_rank}: its processes ended with exit code {code}; the run is in {args.run_dir} on node 0")
     return 0 if code == 0 else EXIT_USAGE
+
+
+def _warn_about_remote_code(config: Any) -> None:
+    from studio.core.runconfig import remote_code_warning
+
+    warning = remote_code_warning(config)
+    if warning:
+        sys.stderr.write(f"lora-studio: warning: {warning}\n")
 
 
 def _drive(start: Any) -> int:
@@ -445,23 +460,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from studio.core.adapters.saving import export_run_adapter
 
     out = args.out or str(Path(args.run_dir) / "export")
-    print(f"adapter written to {export_run_adapter(args.run_dir, out)}")
+    print(f"adapter written to {export_run_adapter(args.run_dir, out, force=args.force)}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from studio.core.adapters.loading import load_adapter
     from studio.core.adapters.merging import merge_and_save
-    from studio.core.files import check_folder_target
+    from studio.core.files import check_output_folder
     from studio.core.model.loading import open_model
 
-    check_folder_target(Path(args.out).expanduser(), "merged model")  # before the model loads
     base = _base_of(args.source, args.base)
+    check_output_folder(args.out, "merged model", force=args.force)  # before the base model loads
     loaded = open_model(base)
     peft_model = load_adapter(loaded, _adapter_folder(args.source))
-    report = merge_and_save(peft_model, loaded.tokenizer, args.out, dtype=args.dtype,
+    report = merge_and_save(peft_model, loaded.tokenizer, args.out, dtype=args.dtype, force=args.force,
                             on_progress=lambda p: sys.stderr.write(f"{p.message}\n"))
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
@@ -471,6 +485,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from studio.core.gguf.export import export_adapter_gguf
 
     stages: list[str] = []
@@ -481,11 +497,12 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{progress.message}\n")
 
     report = export_adapter_gguf(_adapter_folder(args.source), _base_of(args.source, args.base), args.out,
-                                 args.out_type, on_progress=on_progress)
+                                 args.out_type, on_progress=on_progress, force=args.force)
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
+    modelfile = Path(report.modelfile).name
     print(f"GGUF file written to {report.path} ({report.out_type}, {human_bytes(report.bytes)}, {report.tensors} "
-          f"tensors, {report.seconds:.1f} s); Ollama: cd to its folder and run `ollama create NAME -f Modelfile`")
+          f"tensors, {report.seconds:.1f} s); Ollama: cd to its folder and run `ollama create NAME -f {modelfile}`")
     if report.verified:
         agreed = round(report.top1_agreement * report.probe_tokens)
         print(f"llama.cpp check: next token agrees on {agreed}/{report.probe_tokens} probe positions, max logit "

@@ -61,19 +61,19 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_folder(tmp_path_factory, default_tokenizer):
-    """A random 2-layer Llama saved to a folder with the default model's tokenizer: what a real `lora-studio train`
-    subprocess can open in a fraction of a second and train at milliseconds a step."""
+def tiny_model_folder(tmp_path_factory, default_tokenizer):
+    """A random 2-layer Llama with the default model's tokenizer (and chat template), saved as a model folder: a
+    run on it takes a second or two, in process or as a `lora-studio` subprocess, at milliseconds a step."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(default_tokenizer), tie_word_embeddings=True, bos_token_id=default_tokenizer.bos_token_id,
-        eos_token_id=default_tokenizer.eos_token_id,
+        vocab_size=len(default_tokenizer), tie_word_embeddings=True, max_position_embeddings=512,
+        bos_token_id=default_tokenizer.bos_token_id, eos_token_id=default_tokenizer.eos_token_id,
     )
+    folder = tmp_path_factory.mktemp("tiny-model")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     default_tokenizer.save_pretrained(folder)
     return folder

@@ -519,18 +519,18 @@ def test_the_table_holds_at_least_sixty_bad_inputs_across_every_category():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_llama_folder):
+def world(tmp_path_factory, tiny_model_folder):
     root = tmp_path_factory.mktemp("bad-inputs")
     rows = (DEMO_DIR / "train.jsonl").read_text().splitlines()[:4]
     (root / "run-data.jsonl").write_text("\n".join(rows) + "\n")
     config = runconfig.RunConfig.from_dict({
-        "model": {"source": str(tiny_llama_folder), "device": "cpu"}, "plan": {"targets": "q_proj", "rank": 2},
+        "model": {"source": str(tiny_model_folder), "device": "cpu"}, "plan": {"targets": "q_proj", "rank": 2},
         "data": {"train_path": str(root / "run-data.jsonl"), "format": "instruction", "max_length": 64},
         "training": {"max_steps": 2, "batch_size": 2, "save_every": 1, "spectrum_every": 0, "eval_every": 0},
     })
     finished = train(config, run_dir=root / "finished-run")
     assert isinstance(finished, ev.Finished), finished
-    world = World(root, tiny_llama_folder, root / "finished-run")
+    world = World(root, tiny_model_folder, root / "finished-run")
     yield world
     for mount in world.mounts:
         subprocess.run(["umount", str(mount)], check=True)

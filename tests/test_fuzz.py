@@ -53,10 +53,10 @@ def snapshot(*folders: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def good_files(tiny_llama_folder) -> tuple[bytes, bytes]:
+def good_files(tiny_model_folder) -> tuple[bytes, bytes]:
     # numbers a corruption could turn into a valid but huge value (batch size, length, accumulation) are left at
     # their defaults, and --max-steps 1 bounds the steps: a case trains for a step at most
-    run = {"model": {"source": str(tiny_llama_folder), "device": "cpu"},
+    run = {"model": {"source": str(tiny_model_folder), "device": "cpu"},
            "plan": {"targets": "q_proj,v_proj", "rank": 2, "alpha": 4},
            "data": {"train_path": "train.jsonl", "format": "auto"},
            "training": {"save_every": 0, "spectrum_every": 0, "eval_every": 0, "learning_rate": 0.001}}
@@ -66,7 +66,7 @@ def good_files(tiny_llama_folder) -> tuple[bytes, bytes]:
 
 @pytest.mark.parametrize("target", ["run file", "data file"])
 def test_corrupted_files_train_or_end_in_one_line_and_write_nothing_outside_the_run_folder(
-        target, good_files, tiny_llama_folder, tmp_path, capfd, monkeypatch):
+        target, good_files, tiny_model_folder, tmp_path, capfd, monkeypatch):
     rng = random.Random(f"{SEED}-{target}")
     good_run, good_data = good_files
     outcomes: Counter[str] = Counter()
@@ -79,7 +79,7 @@ def test_corrupted_files_train_or_end_in_one_line_and_write_nothing_outside_the_
         (folder / "train.jsonl").write_bytes(data)
         run_dir = folder / "run"
         monkeypatch.chdir(folder)
-        before = snapshot(tmp_path, tiny_llama_folder, skip=run_dir)
+        before = snapshot(tmp_path, tiny_model_folder, skip=run_dir)
         capfd.readouterr()
         try:
             code = main(["train", "run.yaml", "--run-dir", str(run_dir), "--max-steps", "1"])
@@ -93,7 +93,7 @@ def test_corrupted_files_train_or_end_in_one_line_and_write_nothing_outside_the_
             lines = err.splitlines()
             assert [line for line in lines if line.startswith("lora-studio:")] == lines[-1:], shown
             assert out == "", shown
-        assert snapshot(tmp_path, tiny_llama_folder, skip=run_dir) == before, shown
+        assert snapshot(tmp_path, tiny_model_folder, skip=run_dir) == before, shown
         outcomes["trained" if code == 0 else "refused"] += 1
     with capfd.disabled():
         print(f"\nfuzz, {target}: {CASES[target]} cases, {outcomes['trained']} trained, {outcomes['refused']} refused "

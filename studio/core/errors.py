@@ -43,5 +43,14 @@ class TrainingError(StudioError):
     """Training stopped for a reason the user can act on (out of memory, NaN loss, full disk, ...)."""
 
 
+class DivergedError(TrainingError):
+    """The loss or the gradient became NaN or infinite: the weights the step started from are unusable."""
+
+
 class ExportError(StudioError):
     """An adapter or merged model cannot be saved or loaded."""
+
+
+class WriteError(StudioError):
+    """A file or folder cannot be written: the disk is full, no permission, something in the way, or the place
+    holds a person's own files, which the studio never replaces."""

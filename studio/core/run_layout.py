@@ -7,6 +7,7 @@ export and the CLI read them.
     adapter/               the final adapter, PEFT format
     tokenizer/             the tokenizer the run trained with
     checkpoints/step-N/    a checkpoint after optimizer step N
+    error.log              the traceback of a bug a run ended on (error-R.log: process R's, on several processes)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SPECTRA = "spectra.jsonl"
 ADAPTER = "adapter"
 TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
+ERROR_LOG = "error.log"  # a bug's traceback, when a run ended on one
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 

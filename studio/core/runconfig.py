@@ -297,6 +297,14 @@ def dump(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def remote_code_warning(config: RunConfig) -> str | None:
+    """The warning a run file that lets the model run its own code deserves; None for one that does not."""
+    if not config.model.trust_remote_code:
+        return None
+    return (f"model.trust_remote_code is true: Python code that comes with {config.model.source} will run on this "
+            "machine with your permissions; keep it only for a model source you trust")
+
+
 def save(config: RunConfig, path: str | Path) -> None:
     write_atomic(path, dump(config))
 

@@ -4,8 +4,9 @@ and ends with a message naming what it wrote.
 
 "The adapter" is the one the window last had in hand: the run that just ended, or a folder loaded here. The
 Runs panel exports or merges the run selected there instead (`export_run`, `merge_run`), its base and task
-read from its run.yaml. A chosen folder that already holds files is never replaced: the result goes into a
-new folder inside it.
+read from its run.yaml. Nothing a person had is replaced (core/files.py): a chosen folder holding a person's
+files gets the result in a new folder inside it; an earlier export or merge of the studio's, or an existing
+GGUF file, is replaced only once the person says so in a question.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from studio.core import events as ev
 from studio.core.adapters.folder import AdapterInfo, run_adapter
 from studio.core.adapters.merging import MergeReport
 from studio.core.events import ModuleSpectrum
+from studio.core.files import foreign_entries, studio_wrote
 from studio.core.progress import Progress, scaled
 from studio.core.train.run_folder import RunSummary
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
@@ -53,8 +55,12 @@ class LoadedAdapter:
 
 
 def free_target(chosen: Path, name: str) -> Path:
-    """`chosen` itself when it is new or empty, else a new folder `name` (or `name-2`, ...) inside it."""
-    if not chosen.exists() or (chosen.is_dir() and not any(chosen.iterdir())):
+    """`chosen` itself when it holds none of a person's files (new, empty, or the studio's earlier output), else a
+    new folder `name` (or `name-2`, ...) inside it."""
+    try:
+        if not foreign_entries(chosen):
+            return chosen
+    except OSError:  # unreadable: the job says why in one line
         return chosen
     target, suffix = chosen / name, 1
     while target.exists():
@@ -96,14 +102,14 @@ def merge_job(adapter: CurrentAdapter, target: Path) -> Callable[[Report], Merge
     return job
 
 
-def gguf_job(adapter: CurrentAdapter, target: Path, out_type: str) -> Callable[[Report], Any]:
+def gguf_job(adapter: CurrentAdapter, target: Path, out_type: str, force: bool = False) -> Callable[[Report], Any]:
     def job(report: Report) -> Any:
         from studio.core.gguf.export import export_adapter_gguf
         from studio.ui.model_loader import import_libraries
 
         import_libraries()
         return export_adapter_gguf(adapter.folder, _base_of(adapter), target, out_type,  # type: ignore[arg-type]
-                                   on_progress=report)
+                                   on_progress=report, force=force)
 
     return job
 
@@ -138,6 +144,8 @@ class AdapterActions(QObject):
         self._settings = settings
         self.adapter: CurrentAdapter | None = None
         self.message_box: QMessageBox | None = None
+        self.replace_question: QMessageBox | None = None  # open while asking whether to replace an earlier output
+        self._on_replace: Callable[[], None] | None = None  # what Replace starts
         self.progress_dialog: QProgressDialog | None = None
         self._job: BackgroundJob | None = None
         self._loading = Path()  # the folder Load adapter… is reading
@@ -222,7 +230,8 @@ class AdapterActions(QObject):
         if chosen is None:
             return
         target = free_target(chosen, f"{adapter.run_dir.name}-adapter")
-        self._run(export_job(adapter.run_dir, target), self._on_exported)
+        run_dir = adapter.run_dir
+        self._after_asking(target, "adapter", lambda: self._run(export_job(run_dir, target), self._on_exported))
 
     def _merge(self, adapter: CurrentAdapter | None) -> None:
         if self._job is not None or adapter is None:
@@ -232,8 +241,40 @@ class AdapterActions(QObject):
             return
         name = f"{adapter.run_dir.name if adapter.run_dir else adapter.folder.name}-merged"
         target = free_target(chosen, name)
-        self._show_progress("Merge and save", f"Merging into {target}…")
-        self._run(merge_job(adapter, target), self._on_merged, self._on_merge_progress)
+
+        def start() -> None:
+            self._show_progress("Merge and save", f"Merging into {target}…")
+            self._run(merge_job(adapter, target), self._on_merged, self._on_merge_progress)
+
+        self._after_asking(target, "merged model", start)
+
+    def _after_asking(self, target: Path, what: str, start: Callable[[], None]) -> None:
+        """`start()` now for a new or empty folder; for one holding the studio's earlier output, once the person
+        chose Replace (free_target never picks a folder holding a person's files)."""
+        try:
+            earlier = target.is_dir() and any(target.iterdir())
+        except OSError:  # unreadable: the job says why in one line
+            earlier = False
+        if earlier:
+            self._ask_to_replace(f"{target} holds files LoRA Studio wrote earlier. Replace them with the {what}?",
+                                 start)
+        else:
+            start()
+
+    def _ask_to_replace(self, text: str, start: Callable[[], None]) -> None:
+        box = QMessageBox(QMessageBox.Question, "Replace?", text, QMessageBox.Yes | QMessageBox.Cancel, self._window)
+        box.button(QMessageBox.Yes).setText("Replace")
+        box.setDefaultButton(QMessageBox.Cancel)
+        box.finished.connect(self._on_replace_answered)
+        self.replace_question, self._on_replace = box, start
+        box.open()  # window-modal without blocking the event loop
+
+    @Slot(int)
+    def _on_replace_answered(self, _result: int) -> None:
+        box, start = self.replace_question, self._on_replace
+        self.replace_question = self._on_replace = None
+        if box is not None and start is not None and box.standardButton(box.clickedButton()) == QMessageBox.Yes:
+            start()
 
     @Slot()
     def _on_gguf_triggered(self) -> None:
@@ -242,15 +283,25 @@ class AdapterActions(QObject):
             return
         name = adapter.run_dir.name if adapter.run_dir else adapter.folder.name
         start = Path(str(self._settings.value("paths/adapters", str(Path.home())))) / f"{name}.gguf"
-        path, chosen_filter = QFileDialog.getSaveFileName(
-            self._window, "Export the merged model as GGUF", str(start), ";;".join(GGUF_FILTERS))
+        path, chosen_filter = QFileDialog.getSaveFileName(  # the question comes below, once .gguf is added
+            self._window, "Export the merged model as GGUF", str(start), ";;".join(GGUF_FILTERS), "",
+            QFileDialog.DontConfirmOverwrite)
         if not path:
             return
         self._settings.setValue("paths/adapters", str(Path(path).parent))
         out_type = GGUF_FILTERS.get(chosen_filter, "f16")
         target = Path(path) if path.endswith(".gguf") else Path(f"{path}.gguf")
-        self._show_progress("Export GGUF", f"Writing {target}…")
-        self._run(gguf_job(adapter, target, out_type), self._on_gguf_written, self._on_merge_progress)
+
+        def write(force: bool) -> None:
+            self._show_progress("Export GGUF", f"Writing {target}…")
+            self._run(gguf_job(adapter, target, out_type, force), self._on_gguf_written, self._on_merge_progress)
+
+        if target.exists():
+            whose = "an earlier GGUF file written by LoRA Studio" if studio_wrote(target) else \
+                "a file LoRA Studio did not write"
+            self._ask_to_replace(f"{target} is {whose}. Replace it?", lambda: write(True))
+        else:
+            write(False)
 
     def _show_progress(self, title: str, text: str) -> None:
         self.progress_dialog = QProgressDialog(text, "", 0, 1000, self._window)

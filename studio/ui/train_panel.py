@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ from studio.core import run_layout
 from studio.core.data.dataset import DataSpec
 from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
-from studio.core.runconfig import ModelConfig, RunConfig, load, save
+from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig, load, remote_code_warning, save
 from studio.core.train.checkpoints import latest_checkpoint
 from studio.core.train.run_folder import event_from, read_records
 from studio.ui.model_loader import OpenedModel
@@ -76,6 +76,8 @@ class TrainPanel(QWidget):
         self._opened: OpenedModel | None = None
         self.quantization: str | None = None  # "4bit" when the adapter panel asks for QLoRA (set_qlora)
         self.failure_dialog: QMessageBox | None = None
+        self.remote_code_dialog: QMessageBox | None = None
+        self._form_as_run: TrainingConfig | None = None  # the form's settings when it last showed the run's own
         self.session = TrainingSession(self)
         self.session.sig_event.connect(self._on_session_event)
         self.session.sig_state_changed.connect(self._on_session_state_changed)
@@ -240,6 +242,7 @@ class TrainPanel(QWidget):
         self._log(f"Starting: {len(config.plan['targets'])} target modules, {config.training.max_steps} steps")
         self.progress.setRange(0, config.training.max_steps)
         self.progress.setValue(0)
+        self._form_as_run = config.training
         return self.session.start(config, self._base_for(config))
 
     @Slot()
@@ -254,14 +257,34 @@ class TrainPanel(QWidget):
             self._show_error("Nothing to resume: this run has no checkpoint")
             return
         try:
-            base = self._base_for(load(run_dir / run_layout.RUN_FILE))
+            config = load(run_dir / run_layout.RUN_FILE)
+            base = self._base_for(config)
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
         self._show_error("")
-        max_steps = self.form.max_steps.value()
-        self._log(f"Resuming {run_dir} from {checkpoint.name}, up to step {max_steps}")
-        self.session.resume_run(run_dir, max_steps=max_steps, base=base)
+        training = self._changed_in_form(config.training)
+        self._warn_about_remote_code(config)
+        self._log(f"Resuming {run_dir} from {checkpoint.name}, up to step {training.max_steps}")
+        self.session.resume_run(run_dir, training=training, base=base)
+
+    def _changed_in_form(self, own: TrainingConfig) -> TrainingConfig:
+        """The run's own training settings with each one the person changed in the form since it showed the run.
+        The form rounds some values (12 decimals, 4 for warmup): a field left alone keeps the run's exact value."""
+        now = self.form.training_config(own)
+        if self._form_as_run is None:
+            return now
+        return replace(own, **{f.name: getattr(now, f.name) for f in fields(TrainingConfig)
+                               if getattr(now, f.name) != getattr(self._form_as_run, f.name)})
+
+    def _warn_about_remote_code(self, config: RunConfig) -> None:
+        """A run file that lets the model run its own code: said in a dialog and the log, once per start."""
+        warning = remote_code_warning(config)
+        if warning:
+            self._log(warning, "warning")
+            self.remote_code_dialog = QMessageBox(QMessageBox.Warning, "This run runs the model's own code",
+                                                  warning[0].upper() + warning[1:], parent=self)
+            self.remote_code_dialog.open()  # window-modal without blocking the event loop
 
     def continue_run(self, run_dir: str | Path) -> None:
         """Reopen a run folder: its settings go into the form and its curves into the plots, then it resumes
@@ -276,6 +299,7 @@ class TrainPanel(QWidget):
             self._show_error(f"Cannot resume: {exc}")
             return
         self.form.set_training_config(config.training)
+        self._form_as_run = self.form.training_config(config.training)
         self.form.max_length.setValue(int(config.data.get("max_length", self.form.max_length.value())))
         self.plots.clear()
         self.plots.set_step_range(config.training.max_steps)
@@ -343,7 +367,8 @@ class TrainPanel(QWidget):
             self._on_failed(event)
 
     def _on_failed(self, failed: ev.Failed) -> None:
-        where = (f"\n\nThe last checkpoint is {failed.checkpoint}: Resume continues from there."
+        where = (f"\n\nThe last checkpoint is {failed.checkpoint}: Resume continues from there, with the settings "
+                 "the form shows (change them first if the message asks for it)."
                  if failed.checkpoint else "\n\nNo checkpoint was saved before this point.")
         self.failure_dialog = QMessageBox(QMessageBox.Warning, "Training stopped", failed.message + where,
                                           parent=self)

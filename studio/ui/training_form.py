@@ -25,7 +25,7 @@ class LearningRateSpinBox(QDoubleSpinBox):
     def __init__(self) -> None:
         super().__init__()
         self.setDecimals(12)
-        self.setRange(1e-9, 10.0)
+        self.setRange(1e-9, 1e6)  # wide enough to show any run file's rate, a diverging one included
 
     def textFromValue(self, value: float) -> str:  # noqa: N802 - Qt's name
         return f"{value:.3g}"

@@ -29,7 +29,7 @@ from PySide6.QtCore import QObject, Signal, Slot
 from studio.core import events as ev
 from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
-from studio.core.runconfig import RunConfig
+from studio.core.runconfig import RunConfig, TrainingConfig
 from studio.core.train.engine import TrainControl
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
@@ -95,8 +95,10 @@ class TrainingSession(QObject):
 
         return self._launch(lambda control, report: engine.train(config, report, control, loaded=_copy_of(base)))
 
-    def resume_run(self, run_dir: str | Path, max_steps: int | None = None, base: LoadedModel | None = None) -> bool:
-        """Continue `run_dir` from its latest checkpoint (optionally to a new step budget); `base` as in start."""
+    def resume_run(self, run_dir: str | Path, training: TrainingConfig | None = None,
+                   base: LoadedModel | None = None) -> bool:
+        """Continue `run_dir` from its latest checkpoint, optionally with changed training settings (a new step
+        budget, a lower learning rate after the loss became NaN); `base` as in start."""
         from studio.core import run_layout
         from studio.core.runconfig import load
         from studio.core.train import engine
@@ -110,8 +112,8 @@ class TrainingSession(QObject):
                 failed = ev.Failed(str(exc), 0)
                 report(failed)
                 return failed
-            if max_steps is not None:
-                config = replace(config, training=replace(config.training, max_steps=max_steps))
+            if training is not None:
+                config = replace(config, training=training)
             return engine.train(config, report, control, resume_from=run_dir, loaded=_copy_of(base))
 
         return self._launch(run)

@@ -62,3 +62,24 @@ def test_train_with_a_broken_run_file_exits_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "lora-studio: data.train_path is missing: the training file to read"
+
+
+def test_a_run_file_that_trusts_remote_code_is_warned_about_once_before_training(tiny_model_folder, tmp_path,
+                                                                                capsys):
+    rows = Path(demo_spec().train_path).read_text().splitlines()[:4]
+    (tmp_path / "small.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"source": str(tiny_model_folder), "device": "cpu", "trust_remote_code": True},
+        "plan": {"targets": "q_proj", "rank": 2},
+        "data": {"train_path": str(tmp_path / "small.jsonl"), "max_length": 96},
+        "training": {"max_steps": 2, "batch_size": 2, "eval_every": 0, "save_every": 1, "spectrum_every": 0},
+    }))
+    warning = (f"lora-studio: warning: model.trust_remote_code is true: Python code that comes with "
+               f"{tiny_model_folder} will run on this machine with your permissions; keep it only for a model source "
+               "you trust\n")
+    assert main(["train", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(warning) and err.count("trust_remote_code") == 1
+    assert main(["resume", str(tmp_path / "run"), "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(warning) and err.count("trust_remote_code") == 1

@@ -76,9 +76,9 @@ def config_for(model: Path, data: Path, **training) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llama_folder, data, tmp_path_factory):
+def reference(tiny_model_folder, data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("disk-full-reference") / "run"
-    assert isinstance(train(config_for(tiny_llama_folder, data), run_dir=run_dir), ev.Finished)
+    assert isinstance(train(config_for(tiny_model_folder, data), run_dir=run_dir), ev.Finished)
     return read_curves(run_dir).losses
 
 
@@ -95,9 +95,9 @@ def _fill_after(disk: Path, event_kind: type, step: int, leave: int):
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes_once_there_is_room(
-        small_disk, tiny_llama_folder, data, reference):
+        small_disk, tiny_model_folder, data, reference):
     run_dir = small_disk / "run"
-    result = train(config_for(tiny_llama_folder, data), _fill_after(small_disk, ev.CheckpointSaved, 2, 8 << 10),
+    result = train(config_for(tiny_model_folder, data), _fill_after(small_disk, ev.CheckpointSaved, 2, 8 << 10),
                    run_dir=run_dir)
     assert isinstance(result, ev.Failed), result
     assert "\n" not in result.message and FULL in result.message
@@ -115,9 +115,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes_once
 
 
 def test_a_full_disk_during_the_adapter_save_fails_in_one_line_and_leaves_no_partial_folder(
-        small_disk, tiny_llama_folder, data, reference):
+        small_disk, tiny_model_folder, data, reference):
     run_dir = small_disk / "run"
-    result = train(config_for(tiny_llama_folder, data), _fill_after(small_disk, ev.StepMetrics, 6, 4 << 10),
+    result = train(config_for(tiny_model_folder, data), _fill_after(small_disk, ev.StepMetrics, 6, 4 << 10),
                    run_dir=run_dir)
     assert isinstance(result, ev.Failed), result
     assert result.message == f"cannot write the adapter to {run_dir / 'adapter'}: {FULL} (free some space or choose " \
@@ -131,7 +131,7 @@ def test_a_full_disk_during_the_adapter_save_fails_in_one_line_and_leaves_no_par
     assert read_curves(run_dir).losses == reference
 
 
-def test_the_error_log_is_written_only_when_there_is_room(small_disk, tiny_llama_folder, data):
+def test_the_error_log_is_written_only_when_there_is_room(small_disk, tiny_model_folder, data):
     def bug_at(step: int, disk_full: bool):
         def on_event(event) -> None:
             if isinstance(event, ev.StepMetrics) and event.step == step:
@@ -140,7 +140,7 @@ def test_the_error_log_is_written_only_when_there_is_room(small_disk, tiny_llama
                 raise RuntimeError("a bug in a listener")
         return on_event
 
-    config = dataclasses.replace(config_for(tiny_llama_folder, data), training=TrainingConfig(
+    config = dataclasses.replace(config_for(tiny_model_folder, data), training=TrainingConfig(
         max_steps=2, batch_size=2, save_every=0, spectrum_every=0, eval_every=0))
     with_room = train(config, bug_at(1, disk_full=False), run_dir=small_disk / "roomy")
     assert isinstance(with_room, ev.Failed)
@@ -157,9 +157,9 @@ def test_the_error_log_is_written_only_when_there_is_room(small_disk, tiny_llama
 
 
 def test_a_full_disk_during_a_merge_ends_in_one_line_and_leaves_nothing_behind(
-        small_disk, tiny_llama_folder, data, tmp_path, capfd):
+        small_disk, tiny_model_folder, data, tmp_path, capfd):
     run_dir = tmp_path / "run"  # the run itself is on a roomy disk; only the merged model goes to the small one
-    config = dataclasses.replace(config_for(tiny_llama_folder, data), training=TrainingConfig(
+    config = dataclasses.replace(config_for(tiny_model_folder, data), training=TrainingConfig(
         max_steps=2, batch_size=2, save_every=0, spectrum_every=0, eval_every=0))
     assert isinstance(train(config, run_dir=run_dir), ev.Finished)
     fill(small_disk, 1 << 20)  # the merged tiny model needs ~10 MiB (weights and tokenizer)

@@ -51,3 +51,16 @@ def llama_70b_config(tmp_path):
     path.parent.mkdir()
     path.write_text(json.dumps(LLAMA_70B_CONFIG))
     return path
+
+
+@pytest.fixture(scope="session")
+def opened_tiny(tiny_model_folder):
+    """The tiny random Llama (tiny_model_folder), described as the loader would: runs from the window in seconds."""
+    from studio.core.model import inventory
+    from studio.core.model.loading import open_model
+    from studio.ui.model_loader import OpenedModel, detect_machine
+
+    loaded = open_model(str(tiny_model_folder))
+    tree = inventory.build(loaded.model, loaded.task)
+    presets = {name: tuple(names) for name, names in inventory.presets(tree).items()}
+    return OpenedModel(str(tiny_model_folder), loaded, tree, presets, detect_machine())

@@ -15,7 +15,7 @@ import yaml
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QSettings, Qt, QUrl, Slot
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QFileDialog
+from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from studio.core import events as ev
 from studio.core.runconfig import load
@@ -210,6 +210,39 @@ def test_export_from_the_runs_panel_copies_the_selected_runs_adapter(runs, monke
         assert (chosen / name).read_bytes() == (runs.inside / "adapter" / name).read_bytes()
     assert actions.adapter == menu_adapter and menu_adapter.run_dir == runs.outside
     qtbot.waitUntil(lambda: panel.export_button.isEnabled())
+
+
+def test_exporting_over_an_earlier_export_asks_first_and_cancel_keeps_it(runs, monkeypatch, qtbot):
+    window, panel, actions = runs.window, runs.window.runs_panel, runs.window.adapter_actions
+    window.show_panel(panel)
+    chosen = runs.root / "asked"
+    choose_folder(monkeypatch, chosen)
+    panel.select_run(runs.inside)
+    with qtbot.waitSignal(actions.sig_message, timeout=60_000):
+        panel.export_button.click()
+    assert actions.replace_question is None  # a new folder: nothing to ask
+    qtbot.waitUntil(lambda: not actions.is_busy())
+    weights = "adapter_model.safetensors"
+    inside, outside = (run / "adapter" / weights for run in (runs.inside, runs.outside))
+    assert (chosen / weights).read_bytes() == inside.read_bytes() != outside.read_bytes()
+
+    panel.select_run(runs.outside)
+    for answer in (QMessageBox.Cancel, QMessageBox.Yes):
+        panel.export_button.click()
+        question = actions.replace_question
+        assert question is not None and question.isVisible() and not actions.is_busy()
+        assert question.text() == f"{chosen} holds files LoRA Studio wrote earlier. Replace them with the adapter?"
+        assert question.button(QMessageBox.Yes).text() == "Replace"
+        if answer == QMessageBox.Cancel:
+            question.button(answer).click()
+            assert actions.replace_question is None and not actions.is_busy()
+            assert (chosen / weights).read_bytes() == inside.read_bytes()  # kept
+        else:
+            with qtbot.waitSignal(actions.sig_message, timeout=60_000) as message:
+                question.button(answer).click()
+            assert message.args[0] == f"The adapter was saved to {chosen}"
+    assert (chosen / weights).read_bytes() == outside.read_bytes()  # replaced once the person said so
+    qtbot.waitUntil(lambda: not actions.is_busy())
 
 
 def test_merge_from_the_runs_panel_opens_the_base_its_run_yaml_names(runs, monkeypatch, qtbot):

@@ -154,3 +154,69 @@ def test_a_run_that_fails_shows_the_one_line_reason_in_a_dialog_and_the_log(wind
     qtbot.waitUntil(lambda: not panel.session.is_active())
     assert panel.start_button.isEnabled() and not panel.resume_button.isEnabled()
     dialog.close()
+
+
+def test_a_run_whose_loss_became_nan_leaves_the_window_alive_and_resumes_with_a_lower_learning_rate(
+        qtbot, settings, opened_tiny, tmp_path):
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    window.show_model(opened_tiny)
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 16), tmp_path / "runs", 6, save_every=1)
+    panel = window.train_panel
+    window.plan_state.update(dropout=0.0)
+    panel.form.max_length.setValue(96)
+    panel.form.batch_size.setValue(4)
+    panel.form.seed.setValue(7)
+    panel.form.schedule.setCurrentText("constant")
+    panel.form.spectrum_every.setValue(0)
+    panel.form.learning_rate.setValue(1e4)  # the weights after step 2 make the loss of step 3 infinite
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as finished:
+        assert panel.start()
+    failed = finished.args[0]
+    assert isinstance(failed, ev.Failed) and failed.step == 2
+    assert failed.message == ("the loss became infinite at step 3: lower the learning rate (now 10000) or use "
+                              "precision bf16 instead of fp16")
+    run_dir = panel.session.run_dir
+    assert failed.checkpoint == str(run_dir / "checkpoints" / "step-1")  # step 2's weights are set aside
+    dialog = panel.failure_dialog
+    assert dialog.isVisible() and dialog.text().startswith(f"{failed.message}\n\nThe last checkpoint is "
+                                                           f"{failed.checkpoint}: Resume continues from there")
+    qtbot.waitUntil(lambda: not panel.session.is_active())
+    assert window.isVisible() and panel.resume_button.isEnabled() and panel.start_button.isEnabled()
+    dialog.close()
+
+    panel.form.learning_rate.setValue(1e-3)
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as resumed:
+        qtbot.mouseClick(panel.resume_button, Qt.LeftButton)
+    result = resumed.args[0]
+    assert isinstance(result, ev.Finished) and result.step == 6 and result.run_dir == str(run_dir)
+    assert "resumed with changed settings: learning_rate 10000.0 -> 0.001" in panel.log_view.toPlainText()
+    assert recorded_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    qtbot.waitUntil(lambda: not panel.session.is_active())
+
+
+def test_resuming_a_run_file_that_lets_the_model_run_its_own_code_warns_first(qtbot, window, tiny_model_folder,
+                                                                               tmp_path):
+    from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
+    from studio.core.train.engine import train
+
+    config = RunConfig(model=ModelConfig(source=str(tiny_model_folder), device="cpu", trust_remote_code=True),
+                       plan={"targets": "q_proj", "rank": 2}, data={"train_path": str(write_demo_rows(
+                           tmp_path / "tiny.jsonl", 4)), "max_length": 96},
+                       training=TrainingConfig(max_steps=2, batch_size=2, save_every=1, eval_every=0,
+                                               spectrum_every=0), output_dir=str(tmp_path / "runs"))
+    first = train(config)
+    assert isinstance(first, ev.Finished), first
+    panel = window.train_panel
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as resumed:
+        panel.continue_run(first.run_dir)
+        dialog = panel.remote_code_dialog
+        assert dialog is not None and dialog.isVisible()
+        assert dialog.text() == (f"Model.trust_remote_code is true: Python code that comes with {tiny_model_folder} "
+                                 "will run on this machine with your permissions; keep it only for a model source "
+                                 "you trust")
+    assert isinstance(resumed.args[0], ev.Finished)
+    assert panel.log_view.toPlainText().count("trust_remote_code is true") == 1
+    dialog.close()
+    qtbot.waitUntil(lambda: not panel.session.is_active())

@@ -15,11 +15,12 @@ import pytest
 from PySide6.QtCore import QCoreApplication, QEvent, QSettings, Qt
 from PySide6.QtGui import QImage
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QFileDialog
+from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from studio.core import events as ev
 from studio.core.adapters.spectrum import advise_ranks, read_adapter_spectra
 from studio.core.data.formats import prompt_inputs
+from studio.core.files import MANIFEST
 from studio.core.runconfig import load
 from studio.core.train.run_folder import read_curves
 from studio.ui.main_window import MainWindow
@@ -219,26 +220,36 @@ def test_merge_and_save_ends_with_the_folder_and_the_max_logit_difference(run, q
     qtbot.waitUntil(lambda: actions.progress_dialog is None)
 
 
-def test_export_gguf_from_the_menu_writes_a_file_llama_cpp_runs_and_a_modelfile(run, qtbot, monkeypatch):
+def test_export_gguf_from_the_menu_asks_before_replacing_a_file_and_writes_one_llama_cpp_runs(run, qtbot,
+                                                                                               monkeypatch):
     from studio.ui.adapter_actions import GGUF_FILTERS
 
     actions = run.window.adapter_actions
     actions.set_run_result(run.finished, "default")
     chosen = run.root / "gguf" / "dates"  # no suffix typed: the studio adds .gguf
     chosen.parent.mkdir()
+    target = chosen.with_suffix(".gguf")
+    target.write_bytes(b"a person's model")
     q8_filter = next(name for name, kind in GGUF_FILTERS.items() if kind == "q8_0")
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *args, **kwargs: (str(chosen), q8_filter)))
+    actions.gguf_action.trigger()
+    question = actions.replace_question
+    assert question is not None and question.isVisible() and not actions.is_busy()
+    assert question.text() == f"{target} is a file LoRA Studio did not write. Replace it?"
+    question.button(QMessageBox.Cancel).click()
+    assert not actions.is_busy() and target.read_bytes() == b"a person's model"
+
+    actions.gguf_action.trigger()
     with qtbot.waitSignal(actions.sig_message, timeout=300_000) as message:
-        actions.gguf_action.trigger()
+        actions.replace_question.button(QMessageBox.Yes).click()
         assert actions.progress_dialog is not None and not actions.gguf_action.isEnabled()
     text = message.args[0]
-    target = chosen.with_suffix(".gguf")
     assert text.startswith(f"The GGUF file was saved to {target} (q8_0, "), text
     agreed, probed = map(int, re.search(r"agrees with the merged model on (\d+) of (\d+)", text).groups())
     assert probed > 20 and agreed >= 0.8 * probed  # q8_0 rounds the weights: most next tokens stay the same
     assert target.read_bytes()[:4] == b"GGUF"
     assert (target.parent / "Modelfile").read_text().startswith(f"FROM ./{target.name}")
-    assert sorted(p.name for p in target.parent.iterdir()) == ["Modelfile", "dates.gguf"]  # no temp file left
+    assert sorted(p.name for p in target.parent.iterdir()) == [MANIFEST, "Modelfile", "dates.gguf"]  # no temp left
     qtbot.waitUntil(lambda: actions.progress_dialog is None)
 
 

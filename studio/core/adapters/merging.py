@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from studio.core.errors import ExportError, first_line
-from studio.core.files import atomic_folder
+from studio.core.files import atomic_folder, check_output_folder
 from studio.core.progress import Progress, ProgressCallback, ignore, scaled
 
 MergeDtype = Literal["float32", "bfloat16", "float16"]
@@ -38,9 +38,12 @@ def merge_and_save(
     dtype: MergeDtype = "float32",
     probe_input_ids: Sequence[int] | Any | None = None,
     on_progress: ProgressCallback | None = None,
+    force: bool = False,
 ) -> MergeReport:
     """Save base + adapter as one plain model folder (safetensors, config, generation config, tokenizer) that
     `AutoModelForCausalLM.from_pretrained(out_dir)` opens, and check it against the adapter on a probe batch.
+    `out_dir` must be a folder the studio may write (files.check_output_folder; `force` writes beside a person's
+    files, which stay): that is checked before the merge begins.
 
     The caller's PeftModel is left exactly as it was. Merging in place and unmerging afterwards would leave
     rounding drift in its base weights (large in bf16), and a deep copy of the whole model doubles memory on
@@ -55,6 +58,8 @@ def merge_and_save(
     report = on_progress or ignore
     if dtype not in MERGE_DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}: use {', '.join(MERGE_DTYPES)}")
+    target = Path(out_dir).expanduser()
+    check_output_folder(target, "merged model", force=force)
     hf_model = peft_model.get_base_model()
     quantized = quantization_of(hf_model)
     if quantized:
@@ -73,9 +78,8 @@ def merge_and_save(
     if any(t.is_floating_point() and t.dtype != getattr(torch, dtype) for t in merged.state_dict().values()):
         merged.to(getattr(torch, dtype))  # replaces the copy's tensors; the caller's weights stay untouched
         saved_diff = _max_logit_diff(expected, merged, probe)
-    target = Path(out_dir).expanduser()
     report(Progress("save", 0.85, f"Writing the merged model to {target}"))
-    with atomic_folder(target, "merged model") as staging:
+    with atomic_folder(target, "merged model", force=force) as staging:
         merged.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))

@@ -1,6 +1,5 @@
-"""Save a PEFT adapter (as the training loop and the Export action do) and copy a run's adapter out of its run
-folder. Each folder is written into a temp folder beside its target and renamed into place only when complete
-(files.py)."""
+"""Save a PEFT adapter (as the training loop does) and copy a run's adapter out of its run folder (the Export
+action). Each folder is written atomically, and only where the studio may write (files.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,15 @@ from typing import Any
 
 from studio.core.adapters.folder import read_adapter_info, run_adapter
 from studio.core.errors import ExportError, StudioError
-from studio.core.files import atomic_folder
+from studio.core.files import MANIFEST, atomic_folder, check_output_folder
 from studio.core.model.loading import resolve_source
 
 
-def save_adapter(peft_model: Any, out_dir: str | Path, *, base_model_spec: str | None = None) -> Path:
-    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) to `out_dir`.
+def save_adapter(peft_model: Any, out_dir: str | Path, *, base_model_spec: str | None = None, force: bool = False,
+                 owned: bool = False) -> Path:
+    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) to `out_dir`: a folder
+    the studio may write (files.atomic_folder: `force` writes beside a person's files, `owned` replaces a folder
+    of the caller's own, such as a run's adapter/).
 
     `base_model_spec` is what the studio opened the base from (`LoadedModel.source.spec`); it decides what
     `base_model_name_or_path` says (see `_base_reference`). Full embedding matrices are saved only when the
@@ -32,7 +34,7 @@ def save_adapter(peft_model: Any, out_dir: str | Path, *, base_model_spec: str |
     try:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = reference
-        with atomic_folder(target, "adapter") as staging:
+        with atomic_folder(target, "adapter", force=force, owned=owned) as staging:
             peft_model.save_pretrained(str(staging), save_embedding_layers=_vocab_resized(hf_model))
     finally:
         for name, value in previous.items():
@@ -66,15 +68,18 @@ def _vocab_resized(hf_model: Any) -> bool:
     return int(hf_model.get_input_embeddings().weight.shape[0]) != int(original)
 
 
-def export_run_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Copy a run's adapter (its final `adapter/`, else the newest checkpoint's) to `out_dir`, atomically."""
+def export_run_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Copy a run's adapter (its final `adapter/`, else the newest checkpoint's) to `out_dir`, atomically: a folder
+    the studio may write (files.check_output_folder; `force` writes beside a person's files, which stay)."""
     run = Path(run_dir).expanduser()
+    target = Path(out_dir).expanduser()
+    check_output_folder(target, "adapter", force=force)
     source = run_adapter(run)
     if source is None:
         raise ExportError(f"{run} holds no adapter yet: train it first, or pick a run folder")
     read_adapter_info(source)  # refuse a half-written or foreign folder before copying it
-    with atomic_folder(Path(out_dir).expanduser(), "adapter") as staging:
+    with atomic_folder(target, "adapter", force=force) as staging:
         for item in source.iterdir():
-            if item.is_file():
+            if item.is_file() and item.name != MANIFEST:
                 shutil.copy2(item, staging / item.name)
-    return Path(out_dir).expanduser()
+    return target

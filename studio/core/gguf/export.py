@@ -6,14 +6,14 @@ under `tokenizer.ggml.*` (vocab.py).
 
 The file is written under a temp name beside the target, tensor by tensor (beyond the merged weights, memory
 holds one converted tensor at a time), then opened by llama.cpp itself (when llama-cpp-python is installed) and
-compared with the torch model on a probe prompt, and only then renamed into place.
+compared with the torch model on a probe prompt, and only then renamed into place (files.output_file: an existing
+file is replaced only where the studio wrote it, or when forced).
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +23,9 @@ from studio.core.adapters.loading import load_adapter
 from studio.core.adapters.merging import merged_model, quantization_of
 from studio.core.data.formats import chat_prompt
 from studio.core.errors import DataError, ExportError, first_line
-from studio.core.files import write_failure
+from studio.core.files import check_output_file, output_file
 from studio.core.gguf import layout as gguf_layout
-from studio.core.gguf.modelfile import write_modelfile
+from studio.core.gguf.modelfile import modelfile_path, write_modelfile
 from studio.core.gguf.vocab import GgufVocab, gguf_vocab, source_tokenizer_pre
 from studio.core.progress import Progress, ProgressCallback, ignore, scaled
 
@@ -74,20 +74,21 @@ def export_adapter_gguf(
     out_type: GgufType = "f16",
     *,
     on_progress: ProgressCallback | None = None,
+    force: bool = False,
 ) -> GgufReport:
     """Open `base` (a model spec, as `open_model` takes), put the adapter on it and export the merge to `out_path`.
     Progress covers the whole job: opening the base is its first fifth, the export (export_gguf) the rest."""
     from studio.core.model.loading import open_model
 
-    read_adapter_info(adapter_dir)  # a wrong folder or output path fails now, not after the base model has loaded
+    read_adapter_info(adapter_dir)  # a wrong folder or target fails now, not after the base model has loaded
     _check_out_type(out_type)
-    _target_file(out_path)
+    _target_file(out_path, force)
     loaded = open_model(base, on_progress=scaled(on_progress, 0.0, 0.2, stage="open"))
     peft_model = load_adapter(loaded, adapter_dir)
     source = loaded.source
     pre = source_tokenizer_pre(Path(source.location) / source.gguf_file) if source.gguf_file else None
     return export_gguf(
-        peft_model, loaded.tokenizer, out_path, out_type, tokenizer_pre=pre,
+        peft_model, loaded.tokenizer, out_path, out_type, tokenizer_pre=pre, force=force,
         on_progress=scaled(on_progress, 0.2, 1.0),
     )
 
@@ -100,9 +101,12 @@ def export_gguf(
     *,
     on_progress: ProgressCallback | None = None,
     tokenizer_pre: str | None = None,
+    force: bool = False,
 ) -> GgufReport:
     """Write `model` (a PeftModel, merged here on a copy, or a plain transformers model) and its tokenizer as one
-    GGUF file of `out_type`, plus an Ollama `Modelfile` in the same folder. The caller's model is left as it was.
+    GGUF file of `out_type`, plus an Ollama Modelfile in the same folder. The caller's model is left as it was.
+    An existing `out_path` is replaced only where the studio wrote it, or with `force`; the Modelfile never
+    replaces a person's (modelfile.modelfile_path).
 
     `tokenizer_pre` names llama.cpp's pre-tokenizer; by default it is read off the tokenizer's own pre-tokenizer.
     """
@@ -121,7 +125,7 @@ def export_gguf(
             f"cannot export a quantized base ({quantized}) to GGUF: the weights would carry its rounding error; "
             "reopen the base without quantization (e.g. bfloat16) and export from there"
         )
-    target = _target_file(out_path)
+    target = _target_file(out_path, force)
     hparams = gguf_layout.hparams(hf_model.config, arch)
     vocab = gguf_vocab(tokenizer, hparams["vocab"], tokenizer_pre)
 
@@ -129,19 +133,11 @@ def export_gguf(
     merged, merge_notes = merged_model(hf_model, scaled(report, 0.0, 0.3))
     plan = gguf_layout.tensor_plan(merged, arch, out_type, hparams)
     notes = [*merge_notes, *vocab.notes, *hparams["notes"]]
-    staging = _staging_file(target)
-    try:
+    with output_file(target, "GGUF file", force=force) as staging:
         _write(staging, target.stem, arch, out_type, hparams, vocab, plan, scaled(report, 0.3, 0.9))
         report(Progress("verify", 0.9, "Running the file in llama.cpp and comparing its logits"))
         text, ids = _probe(tokenizer)
         check = _verify(staging, merged, text, ids)
-        os.replace(staging, target)
-    except BaseException as exc:
-        staging.unlink(missing_ok=True)
-        reason = write_failure(exc)
-        if reason is not None:
-            raise ExportError(f"cannot write the GGUF file to {target}: {reason}") from exc
-        raise
     if check.note:
         notes.append(check.note)
     modelfile = write_modelfile(target, tokenizer)
@@ -173,23 +169,14 @@ def _gguf_arch(hf_model: Any) -> Any:
     return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
 
 
-def _target_file(out_path: str | Path) -> Path:
+def _target_file(out_path: str | Path, force: bool) -> Path:
+    """The GGUF file to write, once it is known that it and its Modelfile may be written."""
     target = Path(out_path).expanduser()
     if target.is_dir():
         raise ExportError(f"{target} is a folder: give the file to write, e.g. {target / 'model.gguf'}")
-    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ExportError(f"cannot write the GGUF file to {target}: {blocker} is a file, not a folder")
+    check_output_file(target, "GGUF file", force=force)
+    modelfile_path(target)
     return target
-
-
-def _staging_file(target: Path) -> Path:
-    """A name beside `target` for the file being written (created by the writer, so it gets the usual mode)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot write the GGUF file to {target}: {write_failure(exc)}") from exc
-    return target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
 
 
 def _write(path: Path, name: str, arch: Any, out_type: str, hparams: dict[str, Any], vocab: GgufVocab,

@@ -7,29 +7,36 @@ the SYSTEM line first (checked against Go's text/template when it was written).
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from studio.core.errors import ExportError
-from studio.core.files import write_failure
+from studio.core.errors import WriteError
+from studio.core.files import output_file, studio_wrote
 
 MODELFILE = "Modelfile"
 CHATML_STOPS = ("<|im_start|>", "<|im_end|>")
 
 
 def write_modelfile(target: Path, tokenizer: Any) -> Path:
-    """Write `Modelfile` beside the GGUF file `target` (replacing an earlier one only once complete)."""
-    path = target.with_name(MODELFILE)
-    staging = path.with_name(f".{MODELFILE}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        staging.write_text(modelfile_text(target.name, tokenizer))
-        os.replace(staging, path)
-    except OSError as exc:
-        staging.unlink(missing_ok=True)
-        raise ExportError(f"cannot write the Modelfile to {path}: {write_failure(exc)}") from exc
+    """Write the Modelfile for the GGUF file `target` beside it (at `modelfile_path`), atomically."""
+    path = modelfile_path(target)
+    with output_file(path, "Modelfile") as staging:
+        staging.write_text(modelfile_text(target.name, tokenizer), encoding="utf-8")
     return path
+
+
+def modelfile_path(target: Path) -> Path:
+    """`Modelfile` beside the GGUF file `target`, unless that name holds a person's file or the studio's Modelfile
+    of another GGUF file: then `<name>.Modelfile`. Neither is ever replaced; WriteError when both are taken."""
+    candidates = (target.with_name(MODELFILE), target.with_name(f"{target.stem}.{MODELFILE}"))
+    for path in candidates:
+        if not path.exists() and not path.is_symlink():
+            return path
+        text = path.read_text(encoding="utf-8", errors="replace") if studio_wrote(path) else ""
+        if text.startswith(f"FROM ./{target.name}\n"):
+            return path
+    raise WriteError(f"cannot write a Modelfile beside {target}: {candidates[0].name} and {candidates[1].name} there "
+                     "are not the studio's for this file; move one of them away")
 
 
 def modelfile_text(gguf_name: str, tokenizer: Any) -> str:

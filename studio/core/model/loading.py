@@ -13,13 +13,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from studio.core.errors import ModelSourceError, first_line
+from studio.core.files import atomic_folder
 from studio.core.progress import Progress, ProgressCallback, ignore
 
 SourceKind = Literal["default", "folder", "gguf", "hub", "config"]
@@ -378,17 +377,9 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool, report: ProgressCallbac
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     report(Progress("convert", 0.45, "Saving the converted weights to the cache"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with atomic_folder(target, "converted model", owned=True) as staging:  # the cache is the studio's own
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelSourceError(f"cannot write the converted model to {target.parent}: {first_line(exc)}") from exc
     return target
 
 

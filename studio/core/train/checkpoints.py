@@ -9,11 +9,17 @@ A run killed at any moment leaves its checkpoints usable: a checkpoint is writte
 renamed into place complete, and one that goes (replaced, or pruned as too old) is first renamed to a hidden name
 and only then deleted (a resume removes what a killed run left hidden). Only folders named exactly
 `step-N` count as checkpoints (a person's `step-20 copy` is left alone).
+
+The .pt files hold tensors, numbers, strings and containers only (NumPy's RNG state as lists), so they are read
+with `torch.load(weights_only=True)`: a checkpoint from elsewhere cannot run code when it is opened.
+On resume, metrics.jsonl and spectra.jsonl are cut back to the checkpoint's step so the curves continue without
+duplicates.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import uuid
@@ -22,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from studio.core import run_layout
-from studio.core.errors import TrainingError
-from studio.core.files import write_atomic, write_failure
+from studio.core.errors import StudioError, TrainingError, first_line
+from studio.core.files import atomic_folder, write_atomic, write_failure
 from studio.core.runconfig import RunConfig
 
 TRAINER_STATE = "trainer_state.json"  # a checkpoint's RunState
@@ -51,37 +57,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState,
                     keep: int, config: RunConfig) -> Path:
     """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
-    Written into a temporary folder and renamed, so a checkpoint folder is always complete. A write that fails
-    (a full disk) leaves no staging folder behind and raises TrainingError; earlier checkpoints stay as they were."""
-    import numpy as np
-    import torch
+    Written atomically (files.atomic_folder), so a checkpoint folder is always complete. A write that fails (a
+    full disk) raises TrainingError naming the step; earlier checkpoints stay as they were."""
 
     from studio.core.adapters.saving import save_adapter
 
     folder = run_dir / run_layout.CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / run_layout.checkpoint_name(state.step)
-    staging = folder / f".{target.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir()
-        save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source)
-        _save_torch(optimizer.state_dict(), staging / "optimizer.pt")
-        _save_torch(scheduler.state_dict(), staging / "scheduler.pt")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        _save_torch(rng, staging / "rng.pt")
-        (staging / TRAINER_STATE).write_text(json.dumps({
-            "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
-            "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
-            "processes": state.processes,
-        }))
-        if target.exists():
-            _retire(target)
-        staging.rename(target)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(target, "checkpoint", owned=True) as staging:
+            save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source)
+            _save_torch(optimizer.state_dict(), staging / "optimizer.pt")
+            _save_torch(scheduler.state_dict(), staging / "scheduler.pt")
+            _save_torch(_rng_states(), staging / "rng.pt")
+            (staging / TRAINER_STATE).write_text(json.dumps({
+                "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
+                "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
+                "processes": state.processes,
+            }))
+    except (OSError, StudioError, RuntimeError) as exc:
         reason = write_failure(exc)
         if reason is None:
             raise
@@ -108,45 +102,112 @@ def _retire(checkpoint: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a checkpoint no run can continue from (its weights made the loss NaN) to `diverged-step-N`: out of
+    `latest_checkpoint`'s sight, kept for a look."""
+    aside = checkpoint.with_name(f"diverged-{checkpoint.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    checkpoint.rename(aside)
+    return aside
+
+
 def read_state(checkpoint: Path) -> RunState:
-    data = json.loads((checkpoint / TRAINER_STATE).read_text())
-    return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]), elapsed_s=float(data["elapsed_s"]),
-                    last_loss=data.get("last_loss"), last_val_loss=data.get("last_val_loss"),
-                    last_score=data.get("last_score"), processes=int(data.get("processes", 1)))
+    path = checkpoint / TRAINER_STATE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
+                        elapsed_s=float(data["elapsed_s"]), last_loss=data.get("last_loss"),
+                        last_val_loss=data.get("last_val_loss"), last_score=data.get("last_score"),
+                        processes=int(data.get("processes", 1)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"cannot read the checkpoint's {path}: {first_line(exc)}") from exc
 
 
 def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState) -> None:
+    """Put the checkpoint's adapter weights, optimizer and scheduler state, RNG states and RunState in place.
+
+    The optimizer's settings (learning rate, weight decay, ...) stay those of the run as configured now, so a
+    resume may change them (a lower learning rate after the loss became NaN); with the settings unchanged the
+    numbers are exactly the checkpoint's and the run continues as if it had not stopped."""
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
 
     from studio.core.adapters.folder import read_adapter_tensors
 
-    set_peft_model_state_dict(model, read_adapter_tensors(checkpoint / run_layout.ADAPTER))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
+    optimizer_state = load_tensors(checkpoint / "optimizer.pt")
+    scheduler_state = load_tensors(checkpoint / "scheduler.pt")
+    rng = load_tensors(checkpoint / "rng.pt")
+    loaded = read_state(checkpoint)
+    weights = read_adapter_tensors(checkpoint / run_layout.ADAPTER)
+    schedule = getattr(scheduler, "scheduler", scheduler)  # the LambdaLR inside accelerate's wrapper
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    base_lrs = list(schedule.base_lrs)
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    schedule.base_lrs = base_lrs
+    for group, own, base_lr, factor in zip(optimizer.param_groups, settings, base_lrs, schedule.lr_lambdas):
+        group.update(own)
+        group["lr"] = base_lr * factor(schedule.last_epoch)  # as the scheduler computes it
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    numpy_state = rng["numpy"]
+    np.random.set_state((numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    loaded = read_state(checkpoint)
     for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score", "processes"):
         setattr(state, name, getattr(loaded, name))
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint so the curves continue without duplicates."""
-    path = run_dir / run_layout.METRICS
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if record.get("step", 0) <= step and record.get("event") not in ("Finished", "Failed"):
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
+def load_tensors(path: Path) -> Any:
+    """A checkpoint's .pt file, read with `torch.load(weights_only=True)`: tensors, numbers, strings, containers
+    (and NumPy arrays, as checkpoints of earlier versions hold). A pickle asking for anything else, which could
+    run code, is refused without running it."""
+    import numpy as np
+    import torch
+    from numpy._core.multiarray import _reconstruct
+
+    numpy_arrays = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]  # rebuilt as plain arrays
+    try:
+        with torch.serialization.safe_globals(numpy_arrays):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise TrainingError(f"{path} holds more than tensors and numbers (a pickle that could run code when "
+                                "read): the studio does not open it; resume from a checkpoint the studio wrote") from exc
+        raise TrainingError(f"cannot read the checkpoint's {path}: it is damaged or not a checkpoint file") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise TrainingError(f"cannot read the checkpoint's {path}: {first_line(exc)}") from exc
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python's, NumPy's (as lists), torch's and CUDA's random states: what `load_tensors` reads back."""
+    import numpy as np
+    import torch
+
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                           "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def trim_history(run_dir: Path, step: int) -> None:
+    """On resume, drop the records of metrics.jsonl and spectra.jsonl written after the checkpoint's step (and
+    the run's end records), so the curves continue without duplicates. Each file is rewritten atomically."""
+    for name in (run_layout.METRICS, run_layout.SPECTRA):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if record.get("step", 0) <= step and record.get("event") not in ("Finished", "Failed"):
+                kept.append(line)
+        write_atomic(path, "".join(line + "\n" for line in kept))

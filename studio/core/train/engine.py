@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import math
 import random
 import shutil
 import time
-import traceback
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -28,22 +26,17 @@ from typing import Any, Callable
 
 from studio.core import events as ev
 from studio.core import run_layout
-from studio.core.errors import StudioError, TrainingError, first_line
-from studio.core.files import write_atomic
+from studio.core.errors import DivergedError, StudioError, TrainingError, WriteError, first_line
+from studio.core.files import atomic_folder, write_atomic, write_failure
 from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
-from studio.core.train.checkpoints import (
-    RunState,
-    latest_checkpoint,
-    load_checkpoint,
-    read_state,
-    save_checkpoint,
-    truncate_metrics,
-)
+from studio.core.train.checkpoints import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from studio.core.train.control import TrainControl
+from studio.core.train.failures import failure_line
 from studio.core.train.preflight import check_run
 from studio.core.train.processes import Processes, clear_request, lost_a_peer, read_request
+from studio.core.train.resumption import HeldRecord, check_resume, resume_point
 from studio.core.train.run_folder import remove_leftovers
 
 EventCallback = Callable[[ev.Event], None]
@@ -84,34 +77,30 @@ def train(
         return failed
     if not procs.is_main:
         emit_to_caller = lambda _e: None  # noqa: E731 - listeners hear the main process only
-    new_run = resume_from is None
     checkpoint: Path | None = None
-    if resume_from is not None:
-        checkpoint = Path(resume_from)
-        if is_run_folder(checkpoint):
-            run_dir = checkpoint
-            checkpoint = latest_checkpoint(checkpoint)
-            if checkpoint is None and (run_dir / run_layout.ADAPTER).is_dir():
-                failed = ev.Failed(f"{run_dir} has no checkpoint to resume from", 0)
-                emit_to_caller(failed)
-                return failed
-            # a run killed before its first checkpoint resumes from the start
-        run_dir = Path(run_dir or checkpoint.parent.parent)  # type: ignore[union-attr]
-    else:
-        config = with_absolute_paths(config)
-        run_dir = procs.agree(Path(run_dir) if run_dir is not None else new_run_dir(config))
-    try:
+    emit: ev.Recorder | HeldRecord
+    refused: str | None = None
+    try:  # nothing below changes a file of an existing run; only the main process writes
+        if resume_from is not None:
+            run_dir, checkpoint = resume_point(Path(resume_from), Path(run_dir) if run_dir else None)
+            start = check_resume(config, run_dir, checkpoint)
+            if procs.is_main:
+                remove_leftovers(run_dir)  # the hidden staging files a killed run left: the studio's, never a person's
+            emit = HeldRecord(run_dir, emit_to_caller, start, config, write=procs.is_main)
+        else:
+            config = with_absolute_paths(config)
+            run_dir = procs.agree(Path(run_dir).expanduser() if run_dir is not None else new_run_dir(config))
+            if procs.is_main:
+                _new_run_folder(config, run_dir)
+            emit = ev.Recorder(run_dir, emit_to_caller, write=procs.is_main)
         if procs.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             clear_request(run_dir)
-            if new_run:
-                write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
-            else:
-                remove_leftovers(run_dir)
-                truncate_metrics(run_dir, read_state(checkpoint).step if checkpoint is not None else 0)
-        emit = ev.Recorder(run_dir, emit_to_caller, write=procs.is_main)
-    except (OSError, StudioError) as exc:
-        failed = ev.Failed(f"cannot write the run folder {run_dir}: {getattr(exc, 'strerror', None) or exc}", 0)
+    except (StudioError, OSError) as exc:
+        refused = (first_line(exc) if isinstance(exc, StudioError) else
+                   f"cannot write the run folder {run_dir}: {write_failure(exc)}")
+    refused = procs.agree(refused)  # a refusal the main process met stops every process, not only itself
+    if refused is not None:
+        failed = ev.Failed(refused, 0)
         emit_to_caller(failed)
         return failed
     procs.barrier()
@@ -120,31 +109,19 @@ def train(
     try:
         check_run(config, model=loaded is None)  # before seconds of loading: a run that cannot work stops here
         with contextlib.ExitStack() as undo:  # what the run changed in the caller's model, undone on every exit
-            return _loop(_setup(config, procs, emit, run_dir, checkpoint, loaded, state, undo), emit, control)
-    except TrainingError as exc:
-        return _fail(emit, str(exc), state, run_dir)
-    except StudioError as exc:
-        return _fail(emit, str(exc), state, run_dir)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            return _fail(emit, f"the disk is full ({exc.filename or run_dir}): free space, then resume", state, run_dir)
-        return _fail(emit, f"cannot read or write {exc.filename or run_dir}: {exc.strerror or exc}", state, run_dir)
-    except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback in the run folder, tell the user where
+            run = _setup(config, procs, emit, run_dir, checkpoint, loaded, state, undo)  # type: ignore[arg-type]
+            if isinstance(emit, HeldRecord):
+                emit.commit()
+            return _loop(run, emit, control)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - failures.py: a person's problem in one line, a bug with its traceback
+        if isinstance(exc, DivergedError) and config.training.precision != "fp16" and procs.is_main:
+            _set_aside_diverged(run_dir, state.step)
         if lost_a_peer(exc, procs.world):
             return _fail(emit, f"another process of this run stopped unexpectedly (killed, out of memory, or an error "
                          f"of its own: see its output), so process {procs.rank} stopped too at step {state.step}",
                          state, run_dir)
-        if _is_out_of_memory(exc):
-            message = (f"out of GPU memory at step {state.step}: lower the batch size or the maximum length, turn "
-                       "on gradient checkpointing, or load the base in 4-bit")
-            return _fail(emit, message, state, run_dir)
-        log = run_dir / f"error{'' if procs.is_main else f'-{procs.rank}'}.log"  # each process may fail alone
-        try:
-            write_atomic(log, traceback.format_exc())
-            details = f"details in {log}"
-        except StudioError as log_failure:  # no room for the log (a full disk): say so instead
-            details = f"no details kept ({log_failure})"
-        return _fail(emit, f"internal error ({type(exc).__name__}: {first_line(exc)}); {details}", state, run_dir)
+        log = run_dir / (run_layout.ERROR_LOG if procs.is_main else f"error-{procs.rank}.log")  # each its own
+        return _fail(emit, failure_line(exc, state.step, config, run_dir, log=log), state, run_dir)
     finally:
         emit.close()
 
@@ -164,6 +141,25 @@ def _accelerator(config: RunConfig) -> Any:
     return Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
 
 
+def _new_run_folder(config: RunConfig, run_dir: Path) -> None:
+    """A new run's folder with its run.yaml: `run_dir` only when it is new or empty (never an existing run, whose
+    metrics and checkpoints a second run would mix with its own)."""
+    if is_run_folder(run_dir):
+        raise WriteError(f"{run_dir} holds a run already: resume it (lora-studio resume {run_dir}) or choose a "
+                         "new run folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise WriteError(f"{run_dir} is not empty: choose a new or empty folder for the run")
+    write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
+
+
+def _set_aside_diverged(run_dir: Path, step: int) -> None:
+    """The loss became NaN in the step after `step`: a checkpoint of `step` holds the weights that made it so."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and newest.name == run_layout.checkpoint_name(step):
+        with contextlib.suppress(OSError):  # not renamed: Resume would meet the NaN again and say so
+            set_aside(newest)
+
+
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """run.yaml must work from anywhere: store the data files' absolute paths."""
     data = dict(config.data)
@@ -173,17 +169,11 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).resolve()))
 
 
-def _fail(emit: ev.Recorder, message: str, state: RunState, run_dir: Path) -> ev.Failed:
+def _fail(emit: EventCallback, message: str, state: RunState, run_dir: Path) -> ev.Failed:
     last = latest_checkpoint(run_dir)
     failed = ev.Failed(message.splitlines()[0], state.step, str(last) if last else None)
     emit(failed)
     return failed
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 @dataclass
@@ -369,7 +359,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         tokens = int(sum(r[2] for r in rows))
         agreed = (any(r[4] for r in rows), any(r[5] for r in rows))
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
-            raise TrainingError(
+            raise DivergedError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
                 f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
             )
@@ -501,7 +491,7 @@ def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
         emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
     adapter_dir = run.run_dir / run_layout.ADAPTER
     if run.procs.is_main:
-        save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source)
+        save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source, owned=True)
         if run.tokenizer is not None:
             _save_tokenizer(run.tokenizer, run.run_dir / run_layout.TOKENIZER)
     run.procs.barrier()
@@ -521,20 +511,23 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
     """Copy the tokenizer's own files when it was read from a folder: save_pretrained re-serialises the whole
     vocabulary while holding the interpreter (50-170 ms in which the window cannot repaint)."""
     source = Path(str(getattr(tokenizer, "name_or_path", "")))
-    if not (source / "tokenizer_config.json").is_file():
-        tokenizer.save_pretrained(str(target))
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for pattern in TOKENIZER_FILES:
-        for path in source.glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, target / path.name)
+    with atomic_folder(target, "tokenizer", owned=True) as staging:
+        if not (source / "tokenizer_config.json").is_file():
+            tokenizer.save_pretrained(str(staging))
+        else:
+            for path in (p for pattern in TOKENIZER_FILES for p in source.glob(pattern) if p.is_file()):
+                shutil.copy2(path, staging / path.name)
 
 
 def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: TrainControl | None = None,
            *, max_steps: int | None = None) -> ev.Finished | ev.Failed:
     """Continue a run from its latest checkpoint (optionally with a new step budget)."""
-    config = load(Path(run_dir) / run_layout.RUN_FILE)
+    try:
+        config = load(Path(run_dir) / run_layout.RUN_FILE)
+    except StudioError as exc:
+        failed = ev.Failed(first_line(exc), 0)
+        (on_event or (lambda _e: None))(failed)
+        return failed
     if max_steps is not None:
         config = replace(config, training=replace(config.training, max_steps=max_steps))
     return train(config, on_event, control, resume_from=run_dir)

@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 
 from studio.core.adapters.merging import merge_and_save
-from studio.core.errors import ExportError
+from studio.core.errors import ExportError, WriteError
+from studio.core.files import atomic_folder
 from studio.core.progress import Progress
 from tests.core.adapters.lora_models import logits, lora_modules, randomize_lora_b
 
@@ -46,12 +47,17 @@ def test_float32_merge_opens_with_auto_class_and_leaves_the_adapter_model_as_it_
     assert torch.equal(logits(peft_model, probe), before)
 
 
-def test_bfloat16_merge_writes_bfloat16_weights_and_replaces_an_older_folder(adapted, probe, tmp_path):
+def test_bfloat16_merge_writes_bfloat16_weights_and_replaces_the_studios_earlier_folder(adapted, probe, tmp_path):
     loaded, peft_model, _ = adapted
     before = logits(peft_model, probe)
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier merge")
+    with atomic_folder(out, "merged model") as staging:
+        (staging / "stale.txt").write_text("from an earlier merge")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a person's")
+    with pytest.raises(WriteError, match="mine holds files the studio did not write"):  # refused before merging
+        merge_and_save(peft_model, loaded.tokenizer, tmp_path / "mine", dtype="bfloat16")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     report = merge_and_save(peft_model, loaded.tokenizer, out, dtype="bfloat16")
     assert torch.equal(logits(peft_model, probe), before)  # casting the copy left the caller's float32 weights
 

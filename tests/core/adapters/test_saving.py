@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from studio.core.adapters.loading import load_adapter
 from studio.core.adapters.saving import save_adapter
-from studio.core.errors import ExportError
+from studio.core.errors import ExportError, WriteError
 from tests.core.adapters.lora_models import logits, randomize_lora_b
 
 
@@ -60,7 +60,7 @@ def test_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # the OS refuses files past 64 KiB, as a full disk
     try:
-        with pytest.raises(ExportError, match=f"cannot write the adapter to {out}: File too large"):
+        with pytest.raises(WriteError, match=f"cannot write the adapter to {out}: File too large"):
             save_adapter(peft_model, out)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -68,6 +68,6 @@ def test_failed_save_leaves_the_previous_adapter_intact(adapted, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
     (tmp_path / "a-file").write_text("in the way")
-    with pytest.raises(ExportError, match=r"to .*a-file/adapter: .*a-file is a file, not a folder"):
+    with pytest.raises(WriteError, match=r"to .*a-file/adapter: .*a-file is a file, not a folder"):
         save_adapter(peft_model, tmp_path / "a-file" / "adapter")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import resource
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from studio.core.adapters.merging import merged_model
-from studio.core.errors import ExportError
+from studio.core.errors import ExportError, WriteError
+from studio.core.files import MANIFEST
 from studio.core.gguf.export import export_gguf
 from studio.core.gguf.modelfile import modelfile_text
 
@@ -82,7 +84,7 @@ def test_f32_export_runs_in_llama_cpp_with_the_merged_logits(adapted, default_mo
 
     path = tmp_path / "smol.gguf"
     assert report.path == str(path) and report.bytes == path.stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "smol.gguf"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "Modelfile", "smol.gguf"]  # no temp file left
     # measured 8e-5: an f32 file is the torch model, up to float32 summation order
     assert report.verified and report.top1_all_agree and report.tokens_agree
     assert report.max_logit_diff < 1e-3 and report.probe_tokens > 30
@@ -233,16 +235,40 @@ def test_failed_write_keeps_the_earlier_file_and_leaves_no_temp_file(tiny_chat_m
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # the OS refuses files past 1 MiB, as a full disk
     try:
-        with pytest.raises(ExportError, match=f"cannot write the GGUF file to {target}: File too large"):
+        with pytest.raises(WriteError, match=f"cannot write the GGUF file to {target}: File too large"):
             export_gguf(tiny_chat_model, default_tokenizer, target, "f16")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert target.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "tiny.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "Modelfile", "tiny.gguf"]
 
     (tmp_path / "a-file").write_text("in the way")
-    with pytest.raises(ExportError, match="a-file is a file, not a folder"):
+    with pytest.raises(WriteError, match="a-file is a file, not a folder"):
         export_gguf(tiny_chat_model, default_tokenizer, tmp_path / "a-file" / "x.gguf", "f16")
+
+
+def test_a_persons_gguf_file_is_replaced_only_with_force_and_their_modelfile_never(tiny_chat_model,
+                                                                                  default_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the check in llama.cpp is not what this is about
+    target = tmp_path / "dates.gguf"
+    target.write_bytes(b"a person's model")
+    (tmp_path / "Modelfile").write_text("FROM ./llama3.gguf\n# a person's\n")
+    with pytest.raises(WriteError, match=f"{target} exists and was not written by the studio: .*--force"):
+        export_gguf(tiny_chat_model, default_tokenizer, target, "f16")
+    assert target.read_bytes() == b"a person's model"
+
+    report = export_gguf(tiny_chat_model, default_tokenizer, target, "f16", force=True)
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./llama3.gguf\n# a person's\n"
+    assert report.modelfile == str(tmp_path / "dates.Modelfile")
+    assert Path(report.modelfile).read_text().startswith("FROM ./dates.gguf\n")
+
+    again = export_gguf(tiny_chat_model, default_tokenizer, target, "f32")  # the studio's own now: no force
+    other = export_gguf(tiny_chat_model, default_tokenizer, tmp_path / "other.gguf", "f16")
+    assert again.modelfile == report.modelfile and Path(other.modelfile).name == "other.Modelfile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "Modelfile", "dates.Modelfile", "dates.gguf",
+                                                          "other.Modelfile", "other.gguf"]
 
 
 def test_modelfile_has_a_chatml_template_only_for_a_chatml_model(default_tokenizer):

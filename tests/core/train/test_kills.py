@@ -60,13 +60,13 @@ class Tally:
 
 
 @pytest.fixture(scope="module")
-def kill_run_file(tiny_llama_folder, tmp_path_factory) -> Path:
+def kill_run_file(tiny_model_folder, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("kill-run")
     rows = (DEMO_DIR / "train.jsonl").read_text().splitlines()
     (folder / "train.jsonl").write_text("\n".join(rows[:12]) + "\n")
     (folder / "val.jsonl").write_text("\n".join(rows[12:16]) + "\n")
     run = {
-        "model": {"source": str(tiny_llama_folder), "device": "cpu"},
+        "model": {"source": str(tiny_model_folder), "device": "cpu"},
         "plan": {"targets": "all-linear", "rank": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train_path": "train.jsonl", "val_path": "val.jsonl", "format": "instruction", "max_length": 64},
         "training": {"max_steps": MAX_STEPS, "batch_size": 2, "learning_rate": 0.01, "warmup_ratio": 0.0,

@@ -23,25 +23,25 @@ def config_for(model: str, train_path: Path, **data) -> RunConfig:
                      training=TrainingConfig(max_steps=1, batch_size=2, save_every=0, spectrum_every=0, eval_every=0))
 
 
-def test_a_run_that_can_work_passes_the_check(tiny_llama_folder):
+def test_a_run_that_can_work_passes_the_check(tiny_model_folder):
     demo = DEMO_DIR / "train.jsonl"
-    check_run(config_for(str(tiny_llama_folder), demo, val_path=str(DEMO_DIR / "heldout.jsonl")))
+    check_run(config_for(str(tiny_model_folder), demo, val_path=str(DEMO_DIR / "heldout.jsonl")))
 
 
-def test_train_refuses_an_empty_data_file_before_it_opens_the_model(tiny_llama_folder, tmp_path):
+def test_train_refuses_an_empty_data_file_before_it_opens_the_model(tiny_model_folder, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     events: list = []
-    result = train(config_for(str(tiny_llama_folder), tmp_path / "empty.jsonl"), events.append,
+    result = train(config_for(str(tiny_model_folder), tmp_path / "empty.jsonl"), events.append,
                    run_dir=tmp_path / "run")
     assert isinstance(result, ev.Failed)
     assert result.message == f"{tmp_path / 'empty.jsonl'} holds no rows"
     assert [type(e).__name__ for e in events] == ["Failed"]  # no "Opening ..." before it: the model never loaded
 
 
-def test_the_cli_refuses_an_unusable_data_file_before_torch_is_imported(tiny_llama_folder, tmp_path):
+def test_the_cli_refuses_an_unusable_data_file_before_torch_is_imported(tiny_model_folder, tmp_path):
     (tmp_path / "notes.jsonl").write_text("these are notes, not JSON\n")
     run = tmp_path / "run.yaml"
-    run.write_text(f"model: {{source: {tiny_llama_folder}}}\nplan: {{targets: q_proj}}\n"
+    run.write_text(f"model: {{source: {tiny_model_folder}}}\nplan: {{targets: q_proj}}\n"
                    f"data: {{train_path: notes.jsonl}}\n")
     code = ("import sys\nfrom studio.cli import main\n"
             f"code = main(['train', {str(run)!r}, '--run-dir', {str(tmp_path / 'run')!r}])\n"
@@ -55,12 +55,12 @@ def test_the_cli_refuses_an_unusable_data_file_before_torch_is_imported(tiny_lla
 
 @pytest.mark.parametrize("labels, num_labels, ok", [([0, 1, 1, 0], 2, True), ([0, 1, 2], 2, False),
                                                       (["yes", "no"], 2, True), (["a", "b", "c"], 3, True)])
-def test_classes_must_fit_the_classifier_head(tmp_path, tiny_llama_folder, labels, num_labels, ok):
+def test_classes_must_fit_the_classifier_head(tmp_path, tiny_model_folder, labels, num_labels, ok):
     import json
 
     rows = "".join(json.dumps({"text": f"t{i}", "label": label}) + "\n" for i, label in enumerate(labels))
     (tmp_path / "train.jsonl").write_text(rows)
-    config = RunConfig(model=ModelConfig(source=str(tiny_llama_folder), task="seq-cls", num_labels=num_labels),
+    config = RunConfig(model=ModelConfig(source=str(tiny_model_folder), task="seq-cls", num_labels=num_labels),
                        plan={"targets": "q_proj"}, data={"train_path": str(tmp_path / "train.jsonl"),
                                                          "format": "classification"})
     if ok:

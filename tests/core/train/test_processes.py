@@ -26,22 +26,6 @@ from studio.core.train.run_folder import read_records
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory, default_tokenizer):
-    """A random 2-layer Llama with the default model's tokenizer: a step takes milliseconds."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(default_tokenizer), tie_word_embeddings=True,
-                         pad_token_id=default_tokenizer.pad_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _run_file(folder: Path, model: Path, batch_size: int, **training) -> Path:
     demo = demo_spec()
     settings = dict(learning_rate=3e-3, max_steps=STEPS, batch_size=batch_size, warmup_ratio=0.0,
