@@ -19,6 +19,7 @@ class Machine:
 
     gpu_name: str | None
     gpu_bytes: int | None
+    gpu_count: int = 0  # CUDA GPUs on this machine: several can train one run (one process each)
 
     @property
     def has_cuda(self) -> bool:
@@ -28,7 +29,8 @@ class Machine:
     def description(self) -> str:
         if self.gpu_name is None:
             return "CPU only (no CUDA GPU)"
-        return f"{self.gpu_name} ({(self.gpu_bytes or 0) / 2**30:.0f} GiB)"
+        several = f"{self.gpu_count} × " if self.gpu_count > 1 else ""
+        return f"{several}{self.gpu_name} ({(self.gpu_bytes or 0) / 2**30:.0f} GiB)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def detect_machine() -> Machine:
 
     if not torch.cuda.is_available():
         return Machine(None, None)
-    return Machine(torch.cuda.get_device_name(0), gpu_memory_bytes(0))
+    return Machine(torch.cuda.get_device_name(0), gpu_memory_bytes(0), torch.cuda.device_count())
 
 
 def import_libraries() -> None:

@@ -242,7 +242,9 @@ class TrainingPlots(QWidget):
         if metrics.gpu_mem_bytes is None:
             self.memory_label.setText("GPU memory: none (CPU run)")
             return
-        self.memory_label.setText(f"GPU memory: {metrics.gpu_mem_bytes / MIB:,.0f} MiB peak in the last step")
+        per_device = metrics.gpu_mem_per_device or ()
+        each = f" (GPUs: {', '.join(f'{b / MIB:,.0f}' for b in per_device)} MiB)" if len(per_device) > 1 else ""
+        self.memory_label.setText(f"GPU memory: {metrics.gpu_mem_bytes / MIB:,.0f} MiB peak in the last step{each}")
         self.memory.append(step, metrics.gpu_mem_bytes / MIB)
         if not self._gpu_seen:
             self._gpu_seen = True

@@ -51,6 +51,14 @@ def _copy_of(base: LoadedModel | None) -> LoadedModel | None:
     return replace(base, model=copy.deepcopy(base.model))
 
 
+def _processes_of(run_dir: Path) -> int:
+    """How many processes the run trained on, as its latest checkpoint records (1 without one)."""
+    from studio.core.train.checkpoints import latest_checkpoint, read_state
+
+    checkpoint = latest_checkpoint(run_dir)
+    return read_state(checkpoint).processes if checkpoint is not None else 1
+
+
 def yield_cpu_to_the_window() -> None:
     """Lower this thread's scheduling priority (Linux: nice is per thread, and torch's OpenMP workers, which
     this thread starts, inherit it). Training still gets every idle cycle, but when the window needs to
@@ -86,13 +94,17 @@ class TrainingSession(QObject):
 
     # ---- starting -------------------------------------------------------------------------------------------
 
-    def start(self, config: RunConfig, base: LoadedModel | None = None) -> bool:
+    def start(self, config: RunConfig, base: LoadedModel | None = None, processes: int = 1) -> bool:
         """Train `config` from scratch in a new run folder under its output_dir. False while a run is active.
 
         `base`: the model the window has open, when it is what the engine would open for `config`; the run
-        trains a private copy of it instead of reading the weights again (see `_copy_of`)."""
-        from studio.core.train import engine
+        trains a private copy of it instead of reading the weights again (see `_copy_of`). `processes` > 1: one
+        process per GPU, started through accelerate (launch.py); their events arrive here the same way."""
+        from studio.core.train import engine, launch
 
+        if processes > 1:
+            return self._launch(lambda control, report: launch.train_on_processes(
+                config, launch.Launch(processes), report, control))
         return self._launch(lambda control, report: engine.train(config, report, control, loaded=_copy_of(base)))
 
     def resume_run(self, run_dir: str | Path, training: TrainingConfig | None = None,
@@ -101,7 +113,7 @@ class TrainingSession(QObject):
         budget, a lower learning rate after the loss became NaN); `base` as in start."""
         from studio.core import run_layout
         from studio.core.runconfig import load
-        from studio.core.train import engine
+        from studio.core.train import engine, launch
 
         self.run_dir = Path(run_dir)
 
@@ -112,6 +124,17 @@ class TrainingSession(QObject):
                 failed = ev.Failed(str(exc), 0)
                 report(failed)
                 return failed
+            processes = _processes_of(Path(run_dir))
+            if processes > 1:  # its processes read the run's own run.yaml; only the step budget travels with them
+                changed = training is not None and replace(training, max_steps=config.training.max_steps) != \
+                    config.training
+                if changed:
+                    failed = ev.Failed(f"a run on {processes} GPUs resumes with its own settings: only Max steps can "
+                                       "change (start a new run for other settings)", 0)
+                    report(failed)
+                    return failed
+                return launch.resume_on_processes(run_dir, launch.Launch(processes), report, control,
+                                                  max_steps=training.max_steps if training else None)
             if training is not None:
                 config = replace(config, training=training)
             return engine.train(config, report, control, resume_from=run_dir, loaded=_copy_of(base))
