@@ -260,9 +260,15 @@ def _cannot(target: Path, what: str | None, reason: OSError | str | None) -> str
     return f"cannot write the {what} to {target}: {reason}" if what else f"cannot write {target}: {reason}"
 
 
+def blocking_file(folder: str | Path) -> Path | None:
+    """The file that stands where `folder` or one of its parents should be (nothing can be written under it), or
+    None."""
+    folder = Path(folder).expanduser()
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _refuse_blocked(folder: Path, target: Path, what: str | None) -> None:
-    """A file where `folder` or one of its parents should be: nothing can be written under it."""
-    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    blocker = blocking_file(folder)
     if blocker is not None:
         raise WriteError(_cannot(target, what, f"{blocker} is a file, not a folder"))
 
