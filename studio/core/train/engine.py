@@ -27,7 +27,7 @@ from typing import Any, Callable
 from studio.core import events as ev
 from studio.core import run_layout
 from studio.core.errors import DivergedError, StudioError, TrainingError, WriteError, first_line
-from studio.core.files import atomic_folder, write_atomic, write_failure
+from studio.core.files import atomic_folder, blocking_file, write_atomic, write_failure
 from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
@@ -149,6 +149,9 @@ def _new_run_folder(config: RunConfig, run_dir: Path) -> None:
                          "new run folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise WriteError(f"{run_dir} is not empty: choose a new or empty folder for the run")
+    blocker = blocking_file(run_dir)
+    if blocker is not None:  # said of the folder the person named, as train() says any other failure to make it
+        raise WriteError(f"cannot write the run folder {run_dir}: {blocker} is a file, not a folder")
     write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
 
 
