@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from studio.core.errors import ExportError, StudioError, first_line
 
@@ -31,6 +31,33 @@ def write_atomic(path: str | Path, text: str) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise StudioError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle on a temp file beside `path` that becomes `path` once the block completes (flushed to disk
+    first); on any failure the temp file is removed and an earlier `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_root() -> Path:
+    """The studio's cache (converted models, prepared datasets): $LORA_STUDIO_CACHE, else
+    $XDG_CACHE_HOME/lora-studio, else ~/.cache/lora-studio."""
+    if os.environ.get("LORA_STUDIO_CACHE"):
+        return Path(os.environ["LORA_STUDIO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lora-studio"
 
 
 @contextmanager
