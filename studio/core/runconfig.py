@@ -27,7 +27,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     learning_rate: float = 2e-4
-    max_steps: int = 100  # optimizer steps; epochs are derived from it
+    max_steps: int | None = 100  # optimizer steps; None when the run is given in epochs
+    epochs: float | None = field(default=None, metadata={"help": (
+        "Passes over the training data, instead of max_steps (give one of them); the steps they mean follow from "
+        "the prepared data, the batch size, gradient accumulation and the number of processes")})
     batch_size: int = 8
     gradient_accumulation: int = 1
     warmup_ratio: float = 0.05
@@ -38,9 +41,13 @@ class TrainingConfig:
     precision: str = "auto"  # auto / no / bf16 / fp16
     gradient_checkpointing: bool = False
     seed: int = 0
-    eval_every: int = 25  # steps; 0 turns evaluation off until the end
+    eval_every: int | None = 25  # steps; 0 turns evaluation off until the end
+    eval_every_epochs: float | None = field(default=None, metadata={"help": (
+        "Evaluate every this many epochs (e.g. 0.5), instead of eval_every steps")})
     eval_examples: int = 64  # validation examples scored by generation (exact match) per evaluation
-    save_every: int = 50  # steps between checkpoints; 0 keeps only the final adapter
+    save_every: int | None = 50  # steps between checkpoints; 0 keeps only the final adapter
+    save_every_epochs: float | None = field(default=None, metadata={"help": (
+        "Save a checkpoint every this many epochs, instead of save_every steps")})
     spectrum_every: int = 10  # steps between spectrum snapshots; 0 turns them off
     keep_checkpoints: int = 2  # older checkpoints are removed, the newest kept
     # the fast path (same math): true / false / auto
@@ -66,7 +73,7 @@ class RunConfig:
             raise RunConfigError("a run file must be a mapping with model, plan, data and training sections")
         _reject_unknown("run file", data, {f.name for f in dataclasses.fields(cls)})
         model = _section(ModelConfig, data.get("model") or {}, "model")
-        training = _section(TrainingConfig, data.get("training") or {}, "training")
+        training = _section(TrainingConfig, _in_steps_or_epochs(data.get("training") or {}), "training")
         plan = dict(data.get("plan") or {})
         if not plan.get("targets") and not model.adapter:
             raise RunConfigError("plan.targets is missing: name a preset (all-linear, attention, ...) or modules")
@@ -86,7 +93,13 @@ class RunConfig:
     def check(self) -> None:
         t = self.training
         _require(t.learning_rate > 0, "training.learning_rate must be positive")
-        _require(t.max_steps >= 1, "training.max_steps must be at least 1")
+        for steps, epochs in STEPS_OR_EPOCHS.items():
+            _require(getattr(t, steps) is None or getattr(t, epochs) is None,
+                     f"training: give {steps} or {epochs}, not both")
+        _require(t.max_steps is not None or t.epochs is not None,
+                 "training: give max_steps (optimizer steps) or epochs (passes over the data)")
+        _require(t.max_steps is None or t.max_steps >= 1, "training.max_steps must be at least 1")
+        _require(t.epochs is None or t.epochs > 0, "training.epochs must be above 0")
         _require(t.batch_size >= 1, "training.batch_size must be at least 1")
         _require(t.gradient_accumulation >= 1, "training.gradient_accumulation must be at least 1")
         _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
@@ -94,13 +107,29 @@ class RunConfig:
         _require(t.optimizer in ("adamw", "adamw-8bit"), "training.optimizer: use adamw or adamw-8bit")
         _require(t.precision in ("auto", "no", "bf16", "fp16"), "training.precision: use auto, no, bf16 or fp16")
         _require(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 turns clipping off)")
-        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples"):
-            _require(getattr(t, name) >= 0, f"training.{name} must be >= 0")
+        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples", "eval_every_epochs",
+                     "save_every_epochs"):
+            _require(getattr(t, name) is None or getattr(t, name) >= 0, f"training.{name} must be >= 0")
         for name in ("fused_loss", "compile_layers"):
             value = getattr(t, name)
             _require(isinstance(value, bool) or value == "auto",
                      f"training.{name}: use true, false or auto, got {value!r}")
         _require(self.model.task in ("causal-lm", "seq-cls"), "model.task: use causal-lm or seq-cls")
+
+
+STEPS_OR_EPOCHS = {"max_steps": "epochs", "eval_every": "eval_every_epochs", "save_every": "save_every_epochs"}
+
+
+def _in_steps_or_epochs(training: Any) -> Any:
+    """A training section that gives a length in epochs leaves its twin in steps out (None), so that run files
+    written before epochs existed keep their step defaults and one saying `epochs: 3` needs no `max_steps: null`."""
+    if not isinstance(training, Mapping):
+        return training
+    values = dict(training)
+    for steps, epochs in STEPS_OR_EPOCHS.items():
+        if values.get(epochs) is not None and steps not in values:
+            values[steps] = None
+    return values
 
 
 def _require(condition: bool, message: str) -> None:
@@ -124,9 +153,11 @@ def _section(cls: type, data: Any, where: str) -> Any:
         default = getattr(cls(), name)
         if isinstance(default, bool) and not isinstance(value, bool):
             raise RunConfigError(f"{where}.{name} must be true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+        number = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else (
+            float if default is None and "float" in str(fields[name].type) else None)
+        if number is not None and value is not None:
             try:
-                value = type(default)(value)
+                value = number(value)
             except (TypeError, ValueError):
                 raise RunConfigError(f"{where}.{name} must be a number, got {value!r}") from None
         values[name] = value
@@ -195,7 +226,7 @@ data:
   max_length: 128
 training:
   learning_rate: 0.002
-  max_steps: 60
+  max_steps: 60              # optimizer steps; or `epochs: 3` (passes over the data) instead
   batch_size: 8
   eval_every: 20
   save_every: 20

@@ -363,9 +363,9 @@ def _cut_prompts(table: ExampleTable, limit: int) -> tuple[ExampleTable, list[in
                           f"max_length={limit}: left out (overflow: truncate_left keeps whole responses)")
             continue
         cut = n - limit
-        while cut < n and flags[cut] and cut > 0 and flags[cut - 1]:
-            flags[cut] = False  # the rest of a response that began before the cut
-            cut += 1
+        if flags[cut] and flags[cut - 1]:  # a response that began before the cut: none of its rest trains
+            rest = cut + int(np.argmin(flags[cut:]))
+            flags[cut:rest] = False
         begins[i] = start + n - limit
         keep.append(i)
     sizes = np.minimum(table.lengths, limit)
