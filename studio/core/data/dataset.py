@@ -207,8 +207,8 @@ def _prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
     train_table, train_dropped = _fit(train, overflow, spec, tokenizer)
     val_table, val_dropped = _fit(val, overflow, spec, tokenizer) if val else (ExampleTable.of([]), [])
     if not len(train_table):
-        raise DataError(f"no training row fits in max_length={spec.max_length} (overflow: {overflow}): raise "
-                        "max_length or choose another overflow policy")
+        where = f"{tables[0].path} (max_length={spec.max_length}, overflow: {overflow})"
+        raise DataError(f"{where} has no usable rows ({len(train.bad) + len(train_dropped)} bad): see the bad rows")
     examples = len(train_table)
     if spec.packing:
         train_table = pack(train_table, spec.max_length)
