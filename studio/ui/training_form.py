@@ -103,7 +103,7 @@ class TrainingForm(QWidget):
                                    "accuracy) per evaluation; 0 reports the validation loss only", "loss only")
         self.save_every = _spin(0, 10_000_000, "Steps between checkpoints (Pause and Stop save one too)", "off")
         self.spectrum_every = _spin(0, 10_000_000, "Steps between singular-value snapshots of the adapter", "off")
-        self.max_length = _spin(2, 1_000_000, "Tokens per example; longer examples are cut (see the data panel)")
+        self.max_length = _spin(2, 1_000_000, "Tokens per example; the data panel says what becomes of longer rows")
         self.gradient_checkpointing = QCheckBox("on")
         self.gradient_checkpointing.setToolTip("Recompute activations in the backward pass instead of keeping them")
         self.seed = _spin(0, 2**31 - 1, "Seeds the data order, dropout and the adapter's initialisation")

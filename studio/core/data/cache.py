@@ -3,7 +3,9 @@ and tokenizing. An entry is one .npz file (numpy arrays and a JSON header, no pi
 everything the result depends on: the data files' bytes (or a hub dataset's prepared files), the tokenizer (its
 whole definition and chat template), the data settings and this package's own source, so that a change to any of
 them misses. Entries are written atomically under the studio's cache folder ($LORA_STUDIO_DATA_CACHE, else
-<studio cache>/data); the least recently used beyond MAX_ENTRIES are removed.
+<studio cache>/data); the least recently used go once there are more than MAX_ENTRIES or they hold more than
+MAX_BYTES together (the newest always stays). The window prepares the data again as its settings change, so a run
+started from it usually finds its data here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from studio.core.files import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
 MAX_ENTRIES = 16
+MAX_BYTES = 8 * 2**30
 HEADER = "header"  # the array holding the JSON header
 
 
@@ -75,9 +78,12 @@ def write(key: str, arrays: Mapping[str, np.ndarray], header: Mapping[str, Any])
 
 
 def _prune(folder: Path) -> None:
-    entries = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[MAX_ENTRIES:]:
-        old.unlink(missing_ok=True)
+    entries = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in folder.glob("*.npz")), reverse=True)
+    kept_bytes = 0
+    for n, (_, size, path) in enumerate(entries):
+        kept_bytes += size
+        if n and (n >= MAX_ENTRIES or kept_bytes > MAX_BYTES):
+            path.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=1)

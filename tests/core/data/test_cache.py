@@ -78,7 +78,7 @@ def test_a_changed_file_tokenizer_or_setting_misses_the_cache(tmp_path, data_cac
     assert len(list(data_cache.glob("*.npz"))) == 5
 
 
-def test_the_cache_keeps_only_the_most_recent_entries(tmp_path, data_cache, default_tokenizer, monkeypatch):
+def test_the_cache_keeps_only_the_most_recently_used_entries_within_its_size(tmp_path, data_cache, default_tokenizer, monkeypatch):
     monkeypatch.setattr(cache, "MAX_ENTRIES", 2)
     path = instruction_rows(tmp_path / "d.jsonl", 5)
     for length in (200, 201, 202):
@@ -86,6 +86,10 @@ def test_the_cache_keeps_only_the_most_recent_entries(tmp_path, data_cache, defa
     assert len(list(data_cache.glob("*.npz"))) == 2
     assert prepare(DataSpec(str(path), max_length=202), default_tokenizer).from_cache
     assert not prepare(DataSpec(str(path), max_length=200), default_tokenizer).from_cache
+    monkeypatch.setattr(cache, "MAX_BYTES", 1)  # over the size: only the newest stays
+    prepare(DataSpec(str(path), max_length=203), default_tokenizer)
+    assert len(list(data_cache.glob("*.npz"))) == 1
+    assert prepare(DataSpec(str(path), max_length=203), default_tokenizer).from_cache
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from studio.core.data.dataset import IGNORE_INDEX, DataSpec, prepare, preview
+from studio.core.data.dataset import IGNORE_INDEX, PREVIEW_TOKENS, DataSpec, prepare, preview
 from studio.core.data.examples import ExampleTable, pack, windows
 from studio.core.errors import DataError
 
@@ -128,6 +128,9 @@ def test_preview_of_a_long_document_shows_its_tokens_and_its_windows(tmp_path, d
     assert shown.length == shown.kept == len(expected) and shown.windows == math.ceil(len(expected) / 64)
     assert not shown.truncated and len(shown.tokens) == len(expected) and all(loss for _, loss in shown.tokens)
     assert "".join(piece for piece, _ in shown.tokens) == text + "<|im_end|>"
+    (tmp_path / "book.txt").write_text(document(6000, seed=6), encoding="utf-8")
+    book = preview(DataSpec(str(tmp_path / "book.txt"), max_length=64), default_tokenizer, 0)
+    assert len(book.tokens) == PREVIEW_TOKENS < book.kept == book.length  # a book's preview shows its start
 
 
 # -- instruction and chat ------------------------------------------------------------------------------------------
