@@ -9,11 +9,14 @@ max_length 512), writes them as JSONL and times, each in a fresh process (so tha
 - prepare, cold: `studio.core.data.dataset.prepare` with an empty data cache (render, tokenize with offsets, loss
   masks, the overflow policy, numpy storage, then writing the cache entry);
 - prepare, cached: the same call in a new process, which finds the cache entry (hashing the file and tokenizer).
-Prints seconds, the ratio to the baseline, each process's peak resident memory and the bytes the prepared tokens
-take. The tokenizer is the built-in model's (SmolLM2, ChatML template).
+Each is run --repeat times, taking turns; it prints the best and the median wall-clock seconds, the best CPU
+seconds (this process's, tokenizer threads included: on a machine other work shares, the steadier number), the
+ratio of the baseline's time to each, each process's peak resident memory and the bytes the prepared tokens take.
+The tokenizer is the built-in model's (SmolLM2, ChatML template). The `tokenizers` library encodes on every core
+unless TOKENIZERS_PARALLELISM=false; both sides get the same setting.
 
     .venv/bin/python bench/bench_data.py                 # 20,000 rows
-    .venv/bin/python bench/bench_data.py --rows 100000
+    .venv/bin/python bench/bench_data.py --rows 100000 --repeat 1
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +58,7 @@ def run_baseline(data: Path, tokenizer_dir: str, max_length: int, scratch: Path)
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     table = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(scratch))
 
     def apply(batch: dict) -> dict:
@@ -64,8 +68,7 @@ def run_baseline(data: Path, tokenizer_dir: str, max_length: int, scratch: Path)
         return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
 
     mapped = table.map(apply, batched=True, remove_columns=table.column_names)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "examples": len(mapped)}
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, "examples": len(mapped)}
 
 
 def run_prepare(data: Path, tokenizer_dir: str, max_length: int) -> dict:
@@ -75,10 +78,10 @@ def run_prepare(data: Path, tokenizer_dir: str, max_length: int) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = DataSpec(str(data), format="instruction", max_length=max_length)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     prepared = prepare(spec, tokenizer)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "examples": len(prepared.train), "dropped": prepared.dropped,
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+            "examples": len(prepared.train), "dropped": prepared.dropped,
             "tokens": prepared.train.token_count, "bytes": prepared.train.nbytes, "from_cache": prepared.from_cache}
 
 
@@ -91,10 +94,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def measure(kind: str, data: Path, tokenizer: str, max_length: int, scratch: Path) -> dict:
-    env = dict(os.environ, LORA_STUDIO_DATA_CACHE=str(scratch / "studio-cache"))
+def measure(kind: str, data: Path, tokenizer: str, max_length: int, scratch: Path, cache: Path) -> dict:
+    env = dict(os.environ, LORA_STUDIO_DATA_CACHE=str(cache))
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--tokenizer", tokenizer,
-               "--max-length", str(max_length), "--scratch", str(scratch / f"datasets-{kind}")]
+               "--max-length", str(max_length), "--scratch", str(scratch)]
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -103,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, taking turns")
     parser.add_argument("--worker", choices=["baseline", "prepare"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -118,15 +122,24 @@ def main() -> None:
     print(f"{args.rows:,} instruction rows ({data.stat().st_size / 1e6:.1f} MB), max_length {args.max_length}; "
           f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, "
           f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
-    baseline = measure("baseline", data, tokenizer, args.max_length, scratch)
-    cold = measure("prepare", data, tokenizer, args.max_length, scratch)
-    warm = measure("prepare", data, tokenizer, args.max_length, scratch)
-    assert not cold["from_cache"] and warm["from_cache"]
-    print(f"  {'':<34}{'seconds':>9}{'vs baseline':>13}{'peak RSS':>11}")
-    for label, result in (("datasets.map(batched=True)", baseline), ("prepare(), cold", cold),
-                          ("prepare(), from the cache", warm)):
-        ratio = baseline["seconds"] / result["seconds"]
-        print(f"  {label:<34}{result['seconds']:>9.2f}{ratio:>12.2f}x{result['peak_rss_mb']:>8.0f} MB")
+    runs: dict[str, list[dict]] = {"baseline": [], "cold": [], "cached": []}
+    for n in range(args.repeat):  # fresh caches for the cold runs; the cached run reads the cold run's entry
+        runs["baseline"].append(measure("baseline", data, tokenizer, args.max_length, scratch / f"datasets-{n}",
+                                        scratch / f"unused-{n}"))
+        runs["cold"].append(measure("prepare", data, tokenizer, args.max_length, scratch, scratch / f"cache-{n}"))
+        runs["cached"].append(measure("prepare", data, tokenizer, args.max_length, scratch, scratch / f"cache-{n}"))
+    assert not any(r["from_cache"] for r in runs["cold"]) and all(r["from_cache"] for r in runs["cached"])
+    base_wall = min(r["seconds"] for r in runs["baseline"])
+    base_cpu = min(r["cpu"] for r in runs["baseline"])
+    print(f"  {'':<30}{'best s':>8}{'median s':>10}{'CPU s':>8}{'vs baseline':>13}{'(CPU)':>8}{'peak RSS':>10}")
+    for label, key in (("datasets.map(batched=True)", "baseline"), ("prepare(), cold", "cold"),
+                       ("prepare(), from the cache", "cached")):
+        wall = [r["seconds"] for r in runs[key]]
+        cpu = min(r["cpu"] for r in runs[key])
+        rss = max(r["peak_rss_mb"] for r in runs[key])
+        print(f"  {label:<30}{min(wall):>8.2f}{statistics.median(wall):>10.2f}{cpu:>8.2f}"
+              f"{base_wall / min(wall):>12.2f}x{base_cpu / cpu:>7.2f}x{rss:>7.0f} MB")
+    cold = runs["cold"][0]
     print(f"  prepare(): {cold['examples']:,} examples, {cold['dropped']:,} rows over max_length dropped, "
           f"{cold['tokens']:,} tokens held in {cold['bytes'] / 1e6:.1f} MB")
 

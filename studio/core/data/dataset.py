@@ -22,22 +22,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from studio.core.data import cache as store
-from studio.core.data.encoding import concatenate, encode, encode_truncated, pieces
-from studio.core.data.examples import (
-    IGNORE_INDEX,
-    Example,
-    ExampleTable,
-    gather_ranges,
-    pack,
-    truncate,
-    window_counts,
-    windows,
-)
+from studio.core.data.encoding import ENCODE_BATCH, encode, encode_batches, pieces
+from studio.core.data.examples import IGNORE_INDEX, Example, ExampleTable, pack, window_counts
 from studio.core.data.formats import (
     REQUIRED_ROLES,
     Format,
@@ -47,8 +38,9 @@ from studio.core.data.formats import (
     detect_format,
     resolve_columns,
 )
+from studio.core.data.overflow import fit
 from studio.core.data.spec import DataSpec, Overflow, overflow_for
-from studio.core.data.tables import Record, Table, read_table, source_fingerprint
+from studio.core.data.tables import Table, read_table, source_fingerprint
 from studio.core.errors import DataError
 from studio.core.resources import resources_root
 
@@ -131,9 +123,10 @@ class Preview:
 
 @dataclass
 class _Rows:
-    """One file's usable rows in file order, beside the records they came from, and its bad rows so far."""
+    """One file's usable rows in file order: where each came from (file, row), their rendering (kept only where
+    a later stage reads it: classification labels and cuts) and tokens, and the file's bad rows so far."""
 
-    records: list[Record]
+    where: list[tuple[str, int]]
     rendered: list[Rendered]
     bad: list[BadRow] = field(default_factory=list)
     table: ExampleTable | None = None
@@ -145,7 +138,8 @@ class _Rows:
 
     def take(self, indices: Sequence[int]) -> _Rows:
         assert self.table is not None
-        return _Rows([self.records[i] for i in indices], [self.rendered[i] for i in indices], [],
+        rendered = [self.rendered[i] for i in indices] if self.rendered else []
+        return _Rows([self.where[i] for i in indices], rendered, [],
                      self.table.take(np.asarray(indices, dtype=np.int64)))
 
 
@@ -190,16 +184,20 @@ def _prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
         _columns(table, fmt, {role: columns[role] for role in REQUIRED_ROLES[fmt]})
     renderer = Renderer(tokenizer, fmt, columns)
 
-    parts = [_render(renderer, table) for table in tables]
-    label_names = _label_names(spec.label_names, [r.label for p in parts for r in p.rendered]) if (
-        fmt == "classification") else ()
-    parts = [_tokenize(part, tokenizer, fmt, label_names) for part in parts]
+    parts = [_render_and_encode(renderer, table, tokenizer) for table in tables]
+    train_path = tables[0].path
+    del tables  # the raw rows: tokens and row numbers are all that is left to need
+    if fmt == "classification":
+        label_names = _label_names(spec.label_names, [r.label for p in parts for r in p.rendered])
+        parts = [_with_class_ids(part, label_names) for part in parts]
+    else:
+        label_names = ()
     problems = [b for part in parts for b in sorted(part.bad, key=_where)]
     if problems and spec.on_bad_rows == "stop":
         raise DataError(f"{problems[0]} ({len(problems)} bad row(s) in all: fix them, or choose to skip bad rows)")
     train, val = parts[0], parts[1] if len(parts) > 1 else None
-    if not train.records:
-        raise DataError(f"{tables[0].path} has no usable rows ({len(train.bad)} bad): see the bad rows")
+    if not train.where:
+        raise DataError(f"{train_path} has no usable rows ({len(train.bad)} bad): see the bad rows")
     if spec.val_fraction:
         train, val = _split(train, spec.val_fraction, spec.seed)
     stats = LengthStats.of(train.lengths, spec.max_length)
@@ -207,7 +205,7 @@ def _prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
     train_table, train_dropped = _fit(train, overflow, spec, tokenizer)
     val_table, val_dropped = _fit(val, overflow, spec, tokenizer) if val else (ExampleTable.of([]), [])
     if not len(train_table):
-        where = f"{tables[0].path} (max_length={spec.max_length}, overflow: {overflow})"
+        where = f"{train_path} (max_length={spec.max_length}, overflow: {overflow})"
         raise DataError(f"{where} has no usable rows ({len(train.bad) + len(train_dropped)} bad): see the bad rows")
     examples = len(train_table)
     if spec.packing:
@@ -238,36 +236,47 @@ def _columns(table: Table, fmt: Format, mapping: Mapping[str, str]) -> dict[str,
         raise DataError(f"{table.path}: {exc}") from exc
 
 
-def _render(renderer: Renderer, table: Table) -> _Rows:
-    readable = [r for r in table.records if r.values is not None]
-    rendered = iter(renderer.render_rows([r.values for r in readable]))  # type: ignore[misc]
+def _render_and_encode(renderer: Renderer, table: Table, tokenizer: Any) -> _Rows:
+    """The table's usable rows rendered and tokenized (in batches, each tokenized while the next is rendered), and
+    its bad rows. Only classification keeps the rendered text (its labels and cuts need it): a text once tokenized
+    is not held twice."""
     rows = _Rows([], [])
-    for record in table.records:
-        result: Rendered | RowProblem = RowProblem(record.problem or "unreadable") if record.values is None else (
-            next(rendered))
-        if isinstance(result, RowProblem):
-            rows.bad.append(BadRow(record.file, record.row, str(result)))
-        else:
-            rows.records.append(record)
-            rows.rendered.append(result)
+    keep_text = renderer.fmt == "classification"
+
+    def rendered_batches() -> Iterator[list[Rendered]]:
+        for first in range(0, len(table.records), ENCODE_BATCH):
+            records = table.records[first:first + ENCODE_BATCH]
+            results = iter(renderer.render_rows([r.values for r in records if r.values is not None]))
+            batch = []
+            for record in records:
+                result = next(results) if record.values is not None else RowProblem(record.problem or "unreadable")
+                if isinstance(result, RowProblem):
+                    rows.bad.append(BadRow(record.file, record.row, str(result)))
+                else:
+                    rows.where.append((record.file, record.row))
+                    batch.append(result)
+            if keep_text:
+                rows.rendered.extend(batch)
+            yield batch
+
+    rows.table = encode_batches(tokenizer, rendered_batches(), with_loss=renderer.fmt != "classification")
     return rows
 
 
-def _tokenize(rows: _Rows, tokenizer: Any, fmt: Format, label_names: tuple[str, ...]) -> _Rows:
-    """The rows' tokens; classification rows get their class id (an unknown label makes a bad row)."""
-    if fmt != "classification":
-        rows.table = encode(tokenizer, rows.rendered)
-        return rows
+def _with_class_ids(rows: _Rows, label_names: tuple[str, ...]) -> _Rows:
+    """Classification rows with their class ids; an unknown label makes a bad row."""
     ids: list[int] = []
     keep: list[int] = []
-    for i, (record, item) in enumerate(zip(rows.records, rows.rendered)):
+    for i, ((file, row), item) in enumerate(zip(rows.where, rows.rendered)):
         try:
             ids.append(_class_id(item.label, label_names))
             keep.append(i)
         except RowProblem as exc:
-            rows.bad.append(BadRow(record.file, record.row, str(exc)))
-    kept = _Rows([rows.records[i] for i in keep], [rows.rendered[i] for i in keep], rows.bad)
-    table = encode(tokenizer, kept.rendered, with_loss=False)
+            rows.bad.append(BadRow(file, row, str(exc)))
+    kept = rows.take(keep)
+    kept.bad = rows.bad
+    table = kept.table
+    assert table is not None
     kept.table = ExampleTable(table.ids, table.loss, table.starts, class_ids=np.asarray(ids, dtype=np.int64))
     return kept
 
@@ -293,7 +302,7 @@ def _class_id(label: str | int, names: tuple[str, ...]) -> int:
 
 def _split(rows: _Rows, fraction: float, seed: int) -> tuple[_Rows, _Rows]:
     """Hold out round(n·fraction) rows (at least one), chosen by `seed`; both parts keep file order."""
-    n = len(rows.records)
+    n = len(rows.where)
     n_val = max(1, round(n * fraction))
     if n_val >= n:
         raise DataError(f"holding out {fraction:.0%} of {n} rows leaves none to train on")
@@ -307,72 +316,9 @@ def _split(rows: _Rows, fraction: float, seed: int) -> tuple[_Rows, _Rows]:
 
 def _fit(rows: _Rows, overflow: Overflow, spec: DataSpec, tokenizer: Any) -> tuple[ExampleTable, list[BadRow]]:
     """The rows as examples of at most max_length tokens under `overflow`, and the rows that policy leaves out."""
-    table, limit = rows.table, spec.max_length
-    assert table is not None
-    over = table.lengths > limit
-    dropped: list[BadRow] = []
-    if overflow == "window":
-        table = windows(table, limit, spec.stride)
-    elif overflow == "drop" and over.any():
-        for i in np.flatnonzero(over).tolist():
-            record = rows.records[i]
-            dropped.append(BadRow(record.file, record.row, f"is {int(table.lengths[i])} tokens, longer than "
-                                  f"max_length={limit}: left out (overflow: drop)"))
-        table = table.take(np.flatnonzero(~over))
-    elif overflow == "truncate" and table.class_ids is not None and over.any():
-        cut = encode_truncated(tokenizer, [rows.rendered[i] for i in np.flatnonzero(over).tolist()], limit)
-        table = _replace_rows(table, over, cut)
-    elif overflow == "truncate":
-        table = truncate(table, limit)
-    elif overflow == "truncate_left" and over.any():
-        table, keep, reasons = _cut_prompts(table, limit)
-        for i, reason in reasons.items():
-            dropped.append(BadRow(rows.records[i].file, rows.records[i].row, reason))
-        table = table.take(keep)
-    return table, dropped
-
-
-def _replace_rows(table: ExampleTable, which: np.ndarray, replacements: ExampleTable) -> ExampleTable:
-    """`table` with the rows where `which` is True replaced, in order, by the rows of `replacements`."""
-    both = concatenate([table, replacements])
-    order = np.arange(len(table))
-    order[which] = len(table) + np.arange(len(replacements))
-    result = both.take(order)
-    return ExampleTable(result.ids, result.loss, result.starts, table.full_lengths, table.class_ids)
-
-
-def _cut_prompts(table: ExampleTable, limit: int) -> tuple[ExampleTable, list[int], dict[int, str]]:
-    """Rows over `limit` keep their last `limit` tokens, provided the last response (its last run of loss tokens)
-    and what follows it fit; a response cut by the new start stops carrying loss (it would train from its middle).
-    Returns the table, the rows to keep and why the others cannot be kept."""
-    loss = table.loss.copy()
-    begins = table.starts[:-1].copy()
-    keep, reasons = [], {}
-    for i, (start, end) in enumerate(zip(table.starts[:-1].tolist(), table.starts[1:].tolist())):
-        n = end - start
-        if n <= limit:
-            keep.append(i)
-            continue
-        flags = loss[start:end]
-        last = n - 1 - int(np.argmax(flags[::-1]))  # the last loss token
-        first = last
-        while first > 0 and flags[first - 1]:
-            first -= 1
-        if n - first > limit:
-            reasons[i] = (f"its last response and what follows it are {n - first} tokens, longer than "
-                          f"max_length={limit}: left out (overflow: truncate_left keeps whole responses)")
-            continue
-        cut = n - limit
-        if flags[cut] and flags[cut - 1]:  # a response that began before the cut: none of its rest trains
-            rest = cut + int(np.argmin(flags[cut:]))
-            flags[cut:rest] = False
-        begins[i] = start + n - limit
-        keep.append(i)
-    sizes = np.minimum(table.lengths, limit)
-    tokens = gather_ranges(begins, sizes)
-    cut_table = ExampleTable(table.ids[tokens], loss[tokens], np.concatenate([[0], np.cumsum(sizes)]),
-                             table.full_lengths)
-    return cut_table, keep, reasons
+    assert rows.table is not None
+    table, left_out = fit(rows.table, overflow, spec.max_length, spec.stride, tokenizer, rows.rendered)
+    return table, [BadRow(*rows.where[i], reason) for i, reason in left_out.items()]
 
 
 # -- the cache's view of prepared data ---------------------------------------------------------------------------------
@@ -423,7 +369,7 @@ def preview(spec: DataSpec, tokenizer: Any, index: int, table: Table | None = No
     except RowProblem as exc:
         return Preview(record.file, record.row, fmt, text, (), 0, False, problem=str(exc))
     label = None if rendered.label is None else str(rendered.label)
-    rows = _Rows([record], [rendered])
+    rows = _Rows([(record.file, record.row)], [rendered])
     rows.table = encode(tokenizer, [rendered], with_loss=fmt != "classification")
     if fmt == "classification":
         rows.table = ExampleTable(rows.table.ids, rows.table.loss, rows.table.starts, class_ids=np.zeros(1, np.int64))

@@ -10,9 +10,10 @@ appended unless the tokenizer put it there itself.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,6 +33,15 @@ def encode(tokenizer: Any, rendered: Sequence[Rendered], *, with_loss: bool = Tr
         runs = _runs_of_same_kind(batch)
         parts.extend(_encode_batch(tokenizer, backend, batch[a:b], with_loss) for a, b in runs)
     return concatenate(parts)
+
+
+def encode_batches(tokenizer: Any, batches: Iterable[Sequence[Rendered]], *, with_loss: bool = True) -> ExampleTable:
+    """All rows of `batches` as one table. Each batch is tokenized on a worker thread while the caller's iterator
+    produces the next one (the backend lets go of the interpreter while it encodes), so that reading and rendering
+    cost no time of their own."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = [pool.submit(encode, tokenizer, batch, with_loss=with_loss) for batch in batches]
+        return concatenate([job.result() for job in pending])
 
 
 def encode_truncated(tokenizer: Any, rendered: Sequence[Rendered], max_length: int) -> ExampleTable:
