@@ -234,12 +234,15 @@ def test_the_open_dialog_takes_a_hub_dataset_id(window):
     window.show_panel(panel)
 
     def type_id() -> None:
-        dialog = QApplication.activeModalWidget()
-        assert isinstance(dialog, QFileDialog)
+        dialog = next((w for w in QApplication.topLevelWidgets() if isinstance(w, QFileDialog) and w.isVisible()),
+                      None)
+        if dialog is None:
+            QTimer.singleShot(50, type_id)  # not shown yet
+            return
         dialog.findChild(QLineEdit, "fileNameEdit").setText("someone/sums@train")
         dialog.accept()
 
-    QTimer.singleShot(200, type_id)
+    QTimer.singleShot(50, type_id)
     panel.choose_file()
     assert panel.path_edit.text() == "someone/sums@train"
     wait_until(lambda: settled(panel) and panel.analysis.spec.train_path == "someone/sums@train", 60, "the hub data")
