@@ -10,7 +10,8 @@ appended unless the tokenizer put it there itself.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ from studio.core.data.formats import Rendered
 from studio.core.errors import DataError
 
 ENCODE_BATCH = 2048  # rows per backend call: its Encoding objects cost ~100 bytes a token until read out
+AHEAD = 2  # batches rendered ahead of the one being tokenized
 
 
 def encode(tokenizer: Any, rendered: Sequence[Rendered], *, with_loss: bool = True) -> ExampleTable:
@@ -39,9 +41,15 @@ def encode_batches(tokenizer: Any, batches: Iterable[Sequence[Rendered]], *, wit
     """All rows of `batches` as one table. Each batch is tokenized on a worker thread while the caller's iterator
     produces the next one (the backend lets go of the interpreter while it encodes), so that reading and rendering
     cost no time of their own."""
+    encoded: list[ExampleTable] = []
+    pending: deque[Future[ExampleTable]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
-        pending = [pool.submit(encode, tokenizer, batch, with_loss=with_loss) for batch in batches]
-        return concatenate([job.result() for job in pending])
+        for batch in batches:
+            pending.append(pool.submit(encode, tokenizer, batch, with_loss=with_loss))
+            if len(pending) > AHEAD:  # rendering outruns tokenizing: hold only a few batches of text
+                encoded.append(pending.popleft().result())
+        encoded.extend(job.result() for job in pending)
+    return concatenate(encoded)
 
 
 def encode_truncated(tokenizer: Any, rendered: Sequence[Rendered], max_length: int) -> ExampleTable:
@@ -74,7 +82,7 @@ def concatenate(tables: Sequence[ExampleTable]) -> ExampleTable:
     if len(tables) == 1:
         return tables[0]
     if not tables:
-        return ExampleTable(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(1, np.int64))
+        return ExampleTable(np.zeros(0, np.uint16), np.zeros(0, bool), np.zeros(1, np.int64))
     offsets = np.cumsum([0] + [t.token_count for t in tables[:-1]])
     starts = np.concatenate([[0]] + [t.starts[1:] - t.starts[0] + o for t, o in zip(tables, offsets)])
     return ExampleTable(np.concatenate([t.ids for t in tables]), np.concatenate([t.loss for t in tables]), starts,
@@ -126,9 +134,9 @@ def _encode_batch(tokenizer: Any, backend: Any, rows: Sequence[Rendered], with_l
     total = int(starts[-1])
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
     if not with_loss:
-        return ExampleTable(ids, np.zeros(total, dtype=bool), starts)
+        return ExampleTable(ids, np.zeros(total, dtype=bool), starts).compact()
     loss = _loss_flags(encodings, rows, starts)
-    return _with_eos(ExampleTable(ids, loss, starts), rows, tokenizer.eos_token_id)
+    return _with_eos(ExampleTable(ids, loss, starts), rows, tokenizer.eos_token_id).compact()
 
 
 def _loss_flags(encodings: Sequence[Any], rows: Sequence[Rendered], starts: np.ndarray) -> np.ndarray:

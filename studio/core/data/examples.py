@@ -123,6 +123,8 @@ class ExampleTable(Sequence[Example]):
     def compact(self) -> ExampleTable:
         """The same examples with ids in the smallest integer type that holds them."""
         dtype = np.uint16 if not len(self.ids) or int(self.ids.max()) < 2**16 else np.int32
+        if self.ids.dtype == dtype:
+            return self
         return ExampleTable(self.ids.astype(dtype, copy=False), self.loss, self.starts, self.full_lengths,
                             self.class_ids, self.piece_starts)
 
