@@ -224,6 +224,7 @@ data:
   val_path: {val}
   format: instruction        # auto, text, instruction, chat or classification
   max_length: 128
+  overflow: auto             # longer rows: text -> windows; instruction, chat -> drop (or truncate_left)
 training:
   learning_rate: 0.002
   max_steps: 60              # optimizer steps; or `epochs: 3` (passes over the data) instead
