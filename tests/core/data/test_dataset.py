@@ -258,6 +258,20 @@ def test_sharegpt_messages_and_json_text_cells_are_understood(tmp_path, default_
     assert loss_spans(default_tokenizer, prepared.train[0]) == ["Pong<|im_end|>"]
 
 
+def test_a_long_conversation_masks_every_reply_even_one_the_user_said_first(tmp_path, default_tokenizer):
+    """Spans come from one rendering of the whole conversation, found in order: 80 turns, and replies that repeat
+    the user's words (a search from the start of the text would find them in the user's turn)."""
+    messages = []
+    for i in range(40):
+        messages.append({"role": "user", "content": f"Say {i} back to me: echo{i}"})
+        messages.append({"role": "assistant", "content": f"echo{i}"})
+    prepared = prepare(DataSpec(str(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])), max_length=4096),
+                       default_tokenizer)
+    (example,) = prepared.train
+    assert default_tokenizer.decode(example.input_ids) == default_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert loss_spans(default_tokenizer, example) == [f"echo{i}<|im_end|>" for i in range(40)]
+
+
 def test_chat_template_that_rewrites_earlier_turns_still_masks_each_turn(tmp_path, default_model):
     """Like Qwen3, this template renders the last assistant turn differently, so prefixes do not match."""
     from transformers import AutoTokenizer
