@@ -69,6 +69,15 @@ def atomic_file(path: str | Path, what: str | None = None) -> Iterator[Path]:
         raise WriteError(_cannot(path, what, reason)) from exc
 
 
+def cache_root() -> Path:
+    """The studio's cache (converted models, prepared datasets): $LORA_STUDIO_CACHE, else
+    $XDG_CACHE_HOME/lora-studio, else ~/.cache/lora-studio."""
+    if os.environ.get("LORA_STUDIO_CACHE"):
+        return Path(os.environ["LORA_STUDIO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lora-studio"
+
+
 @contextmanager
 def atomic_folder(target: str | Path, what: str, *, force: bool = False, owned: bool = False) -> Iterator[Path]:
     """Yield an empty temp folder for the caller to fill; once the block completes, what it holds becomes `target`,
