@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
     train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
     train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
-    train.add_argument("--max-steps", type=int, help="override training.max_steps (or training.epochs): "
-                       f"{_field_help(TrainingConfig, 'max_steps')}")
+    train.add_argument("--max-steps", type=int, help=f"override training.max_steps: "
+                       f"{_field_help(TrainingConfig, 'max_steps')} (it replaces training.epochs too)")
     _add_launch_arguments(train)
 
     res = sub.add_parser("resume", help="continue a run from its latest checkpoint")

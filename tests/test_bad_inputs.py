@@ -139,7 +139,12 @@ RUN_FILES: dict[str, Callable[[World], Case]] = {
     "run: a list instead of a mapping": lambda w: train_case(
         w.run_file("- model\n- plan\n"), "a run file must be a mapping with model, plan, data and training sections"),
     "run: null number": lambda w: train_case(
-        w.run_file(training={"max_steps": None}), "training.max_steps must be a number, got null"),
+        w.run_file(training={"batch_size": None}), "training.batch_size must be a number, got null"),
+    "run: neither steps nor epochs": lambda w: train_case(
+        w.run_file(training={"max_steps": None}),
+        "training: give max_steps (optimizer steps) or epochs (passes over the data)"),
+    "run: both steps and epochs": lambda w: train_case(
+        w.run_file(training={"max_steps": 10, "epochs": 2}), "training: give max_steps or epochs, not both"),
     "run: infinite learning rate": lambda w: train_case(
         w.run_file(training={"learning_rate": float("inf")}),
         "training.learning_rate must be a finite number, got inf"),

@@ -189,6 +189,7 @@ class TrainPanel(QWidget):
 
     def set_model(self, opened: OpenedModel | None) -> None:
         self._opened = opened
+        self.form.set_gpu_count(opened.machine.gpu_count if opened is not None else 0)
         self._update_buttons()
 
     def runs_dir(self) -> Path:
@@ -244,7 +245,10 @@ class TrainPanel(QWidget):
         self.progress.setRange(0, steps)
         self.progress.setValue(0)
         self._form_as_run = config.training
-        return self.session.start(config, self._base_for(config))
+        processes = self.form.processes()
+        if processes > 1:
+            self._log(f"Training on {processes} GPUs, one process each (accelerate launch)")
+        return self.session.start(config, self._base_for(config), processes)
 
     @Slot()
     def resume(self) -> None:

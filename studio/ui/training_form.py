@@ -111,6 +111,10 @@ class TrainingForm(QWidget):
         self.gradient_checkpointing = QCheckBox("on")
         self.gradient_checkpointing.setToolTip(_tip("gradient_checkpointing"))
         self.seed = _spin(0, 2**31 - 1, _tip("seed"))
+        # shown only on a machine with several GPUs: the run then trains on one process per GPU (accelerate)
+        self.gpus = _spin(1, 1, "GPUs to train on, one process each: every step's batch is split between them "
+                                "(Batch size is per GPU)")
+        self.gpus_label = QLabel("GPUs")
 
         length = QWidget()  # steps or epochs, the unit, and what that is in the other unit
         length_row = QHBoxLayout(length)
@@ -136,6 +140,10 @@ class TrainingForm(QWidget):
             widget.setMaximumWidth(FIELD_WIDTH)
             grid.addWidget(QLabel(label), row, 2 * pair)
             grid.addWidget(widget, row, 2 * pair + 1)
+        self.gpus.setMaximumWidth(FIELD_WIDTH)
+        grid.addWidget(self.gpus_label, row + 1, 0)
+        grid.addWidget(self.gpus, row + 1, 1)
+        self.set_gpu_count(0)
         grid.setColumnStretch(2 * PAIRS_PER_ROW, 1)
         self.set_training_config(FORM_DEFAULTS)
         self.max_length.setValue(DEFAULT_MAX_LENGTH)
@@ -151,6 +159,19 @@ class TrainingForm(QWidget):
             signal = widget.currentIndexChanged if widget is self.length_unit else widget.valueChanged
             signal.connect(self._update_length)
         self._update_length()
+
+    def set_gpu_count(self, count: int) -> None:
+        """The machine's CUDA GPUs: with two or more the form offers how many a run trains on (all by default)."""
+        several = count > 1
+        self.gpus.setRange(1, max(1, count))
+        if several:
+            self.gpus.setValue(count)
+        self.gpus.setVisible(several)
+        self.gpus_label.setVisible(several)
+
+    def processes(self) -> int:
+        """The processes a run started from the form trains on: one per chosen GPU (1 on a machine with one)."""
+        return self.gpus.value() if self.gpus.maximum() > 1 else 1
 
     def in_epochs(self) -> bool:
         return self.length_unit.currentData() == "epochs"

@@ -220,3 +220,31 @@ def test_resuming_a_run_file_that_lets_the_model_run_its_own_code_warns_first(qt
     assert panel.log_view.toPlainText().count("trust_remote_code is true") == 1
     dialog.close()
     qtbot.waitUntil(lambda: not panel.session.is_active())
+
+
+def test_on_several_gpus_the_window_trains_one_process_each_and_its_plots_follow_them(
+        qtbot, settings, opened_tiny, tmp_path):
+    """A machine with two GPUs, as the form sees it; the tiny model trains on the CPU here, two gloo processes
+    started through accelerate, exactly the path two CUDA GPUs take."""
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    window.show_model(opened_tiny)
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 16), tmp_path / "runs", 4, save_every=2)
+    panel = window.train_panel
+    assert panel.form.gpus.isHidden() and panel.form.processes() == 1  # this machine: no CUDA GPU
+    panel.form.set_gpu_count(2)
+    assert not panel.form.gpus.isHidden() and panel.form.processes() == 2
+    events: list = []
+    panel.session.sig_event.connect(events.append)
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as finished:
+        assert panel.start()
+    result = finished.args[0]
+    assert isinstance(result, ev.Finished) and result.step == 4, result
+    started = last(events, ev.RunStarted)
+    assert started.processes == 2
+    assert [e.step for e in events if isinstance(e, ev.StepMetrics)] == [1, 2, 3, 4]
+    assert panel.progress.value() == 4
+    run_dir = Path(result.run_dir)
+    assert recorded_steps(run_dir) == [1, 2, 3, 4] and latest_checkpoint(run_dir).name == "step-2"
+    qtbot.waitUntil(lambda: not panel.session.is_active())
