@@ -58,7 +58,8 @@ class TrainingConfig:
     schedule: str = field(default="cosine", metadata=_help(
         "The learning rate after warmup: cosine, linear or constant"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW's weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradients are clipped to this norm; 0 turns clipping off"))
+    max_grad_norm: float = field(default=1.0, metadata=_help(
+        "Gradients are clipped to this norm; 0 turns clipping off"))
     optimizer: str = field(default="adamw", metadata=_help("adamw, or adamw-8bit (bitsandbytes, CUDA)"))
     precision: str = field(default="auto", metadata=_help("Mixed precision: auto, no, bf16 or fp16"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(

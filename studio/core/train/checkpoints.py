@@ -201,7 +201,8 @@ def load_tensors(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
             raise TrainingError(f"{path} holds more than tensors and numbers (a pickle that could run code when "
-                                "read): the studio does not open it; resume from a checkpoint the studio wrote") from exc
+                                "read): the studio does not open it; resume from a checkpoint the studio "
+                                "wrote") from exc
         raise TrainingError(f"cannot read the checkpoint's {path}: it is damaged or not a checkpoint file") from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise TrainingError(f"cannot read the checkpoint's {path}: {first_line(exc)}") from exc

@@ -294,7 +294,8 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         if state.processes != procs.world:
             raise TrainingError(
                 f"this run was trained on {state.processes} process(es) and is resumed on {procs.world}: resume it "
-                f"on {state.processes} (--gpus {state.processes}), since each process's share of the data depends on it")
+                f"on {state.processes} (--gpus {state.processes}), since each process's share of the data depends "
+                "on it")
     state.processes = procs.world
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
@@ -320,8 +321,8 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     compile_policy = compilation.CompilePolicy(
         t.compile_layers, peft_model, is_cuda=is_cuda, quantized=bool(loaded.quantization),
         checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
-    return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
-                prepared, batches, fused, compile_policy, pad_id, is_lm)
+    return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler,
+                params, prepared, batches, fused, compile_policy, pad_id, is_lm)
 
 
 def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | ev.Failed:

@@ -68,7 +68,8 @@ def accelerate_config(name: str) -> Path:
     try:
         settings = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TrainingError(f"cannot read the accelerate config {path}: {getattr(exc, 'strerror', None) or exc}")
+        raise TrainingError(
+            f"cannot read the accelerate config {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     kind = str((settings or {}).get("distributed_type", "NO")) if isinstance(settings, dict) else "?"
     if kind not in SUPPORTED_TYPES:
         raise TrainingError(f"{path} asks for {kind}: LoRA Studio trains on several GPUs with DDP "
@@ -122,22 +123,24 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
         process = subprocess.Popen(command(launch, cli_args), stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     reader = _EventReader(events_file)
-    last: Any = None
-    asked: set[str] = set()
-    while True:
+    ends: list[Any] = []  # the Finished or Failed events the main process reported
+
+    def forward() -> None:
         for event in reader.new_events():
             on_event(event)
-            last = event if isinstance(event, (ev.Finished, ev.Failed)) else last
+            if isinstance(event, (ev.Finished, ev.Failed)):
+                ends.append(event)
+
+    asked: set[str] = set()
+    while process.poll() is None:
+        forward()
         for request, wanted in (("stop", control.stop_requested), ("pause", control.pause_requested)):
             if wanted and request not in asked and run_dir.is_dir():
                 write_request(run_dir, request)
                 asked.add(request)
-        if process.poll() is not None:
-            break
         time.sleep(POLL_S)
-    for event in reader.new_events():
-        on_event(event)
-        last = event if isinstance(event, (ev.Finished, ev.Failed)) else last
+    forward()  # what came between the last look and the end
+    last = ends[-1] if ends else None
     cause = _root_cause(log_file) if process.returncode else None
     if last is not None and (cause is None or cause[0] == 0):
         return last
@@ -147,7 +150,8 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
         message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}`"
-    failed = ev.Failed(message, read_state(checkpoint).step if checkpoint else 0, str(checkpoint) if checkpoint else None)
+    step = read_state(checkpoint).step if checkpoint is not None else 0
+    failed = ev.Failed(message, step, str(checkpoint) if checkpoint is not None else None)
     if is_run_folder(run_dir):
         recorder = ev.Recorder(run_dir, on_event)
         recorder(failed)

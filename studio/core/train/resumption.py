@@ -47,8 +47,8 @@ def check_resume(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> i
         raise TrainingError(f"{run_dir} finished at step {finished}: resuming it to step {budget} would replace its "
                             f"adapter with an earlier one; give at least {finished} steps, or export it first")
     if config.training.optimizer != stored.training.optimizer:
-        raise TrainingError(f"the optimizer cannot change on resume: the checkpoint holds {stored.training.optimizer}'s "
-                            "state")
+        raise TrainingError("the optimizer cannot change on resume: the checkpoint holds "
+                            f"{stored.training.optimizer}'s state")
     return start
 
 
