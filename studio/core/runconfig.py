@@ -72,8 +72,8 @@ class TrainingConfig:
     keep_checkpoints: int = field(default=2, metadata=_help(
         "Checkpoints kept, the newest; older ones are removed (0 keeps them all)"))
     fused_loss: bool | str = field(default="auto", metadata=_help(
-        "Chunked cross-entropy without the full logits (the same math, less memory): true, false or auto (on a "
-        "CUDA GPU)"))
+        "Chunked cross-entropy without the full logits, over the tokens that carry loss only (the same math, less "
+        "memory and time): true, false or auto (wherever the model's output head allows it)"))
     compile_layers: bool | str = field(default="auto", metadata=_help(
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
 
