@@ -88,6 +88,30 @@ def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
     assert spectra[-1].modules and spectra[-1].modules[0].values[0] > 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_keeps_the_stream_in_bf16_and_compiles_to_the_eager_losses(model_folder, tmp_path):
+    """A 4-bit base trains with its embeddings and norms in bf16 (no float32 upcast of the residual stream), and
+    compiled decoder layers (or, where the compiler fails on bitsandbytes, eager ones after a warning) give the
+    eager run's losses."""
+    from studio.core.model.loading import open_model
+
+    losses, logs = {}, {}
+    for name, compile_layers in (("eager", False), ("compiled", True)):
+        loaded = open_model(str(model_folder), device="cuda", quantization="4bit")
+        result, events = run(model_folder, tmp_path / name, dict(max_steps=6, save_every=0, spectrum_every=0,
+                                                                  compile_layers=compile_layers), loaded=loaded,
+                             quantization="4bit")
+        assert isinstance(result, ev.Finished), result
+        base = loaded.model.get_base_model()
+        assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert all(p.dtype != torch.float32 for n, p in base.named_parameters() if "norm" in n)
+        losses[name] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[name] = [e.text for e in events if isinstance(e, ev.LogMessage)]
+    assert any("compiling 4 decoder layers" in text for text in logs["compiled"])
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert losses["eager"][-1] < losses["eager"][0]
+
+
 def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folder, tmp_path, monkeypatch):
     """Chunked loss and compiled decoder layers against the model's own loss and eager layers, step by step (bf16
     rounding apart). `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on
