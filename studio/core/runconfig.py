@@ -76,6 +76,9 @@ class TrainingConfig:
         "memory and time): true, false or auto (wherever the model's output head allows it)"))
     compile_layers: bool | str = field(default="auto", metadata=_help(
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
+    attention: str = field(default="auto", metadata=_help(
+        "Attention for packed rows: auto (on a CUDA GPU varlen, else flex_attention; SDPA on the CPU), sdpa, "
+        "flex_attention or varlen (no dense mask: nothing computed across packed examples)"))
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class RunConfig:
             value = getattr(t, name)
             _require(isinstance(value, bool) or value == "auto",
                      f"training.{name}: use true, false or auto, got {value!r}")
+        _one_of("training.attention", t.attention, ("auto", "sdpa", "flex_attention", "varlen"))
         m = self.model
         _one_of("model.task", m.task, ("causal-lm", "seq-cls"))
         _require(m.task != "seq-cls" or m.num_labels >= 2, "model.num_labels must be at least 2 for seq-cls")

@@ -142,6 +142,66 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
 
 
+@pytest.mark.parametrize("name", ["varlen", "flex_attention"])
+def test_packed_rows_keep_their_examples_apart_on_each_gpu_attention(model_folder, name):
+    """Each example's logits in a packed row (bf16, through the engine's batch path) against the example alone."""
+    from studio.core.data.dataset import Example, collate, pack
+    from studio.core.model.loading import open_model
+    from studio.core.train import attention, losses
+
+    if attention.available(name, is_cuda=True):
+        pytest.skip(attention.available(name, is_cuda=True))
+    model = open_model(str(model_folder), device="cuda").model.eval()
+    generator = torch.Generator().manual_seed(0)
+    items = [Example(tuple(ids), tuple(ids), len(ids)) for ids in
+             (torch.randint(3, 40000, (n,), generator=generator).tolist() for n in (50, 90, 30, 70, 60))]
+    rows = pack(items, 160)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected = [model(input_ids=torch.tensor([e.input_ids], device="cuda"), use_cache=False).logits[0].float()
+                    for e in items]
+        attention.set_implementation(model, name)
+        batch = losses.to_device(collate(rows, 0), torch.device("cuda"), fused=False, attention=name)
+        batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits.float()
+    offsets = [0] * len(rows)
+    row = 0
+    for item, own in zip(items, expected):
+        if offsets[row] + len(item.input_ids) > len(rows[row].input_ids):
+            row += 1
+        ours = logits[row, offsets[row]:offsets[row] + len(item.input_ids)]
+        assert (ours - own).abs().max() <= 0.02 * own.abs().max(), (name, row, offsets[row])
+        offsets[row] += len(item.input_ids)
+
+
+def test_packed_runs_give_the_same_losses_on_every_attention(model_folder, tmp_path):
+    """A packed run trained with varlen and with FlexAttention against SDPA's dense mask; `auto` takes the first
+    that passes its check, and says so."""
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox " * (1 + i % 9)}) + "\n" for i in range(96)))
+    losses, logs = {}, {}
+    for setting in ("sdpa", "varlen", "flex_attention", "auto"):
+        config = RunConfig(
+            model=ModelConfig(source=str(model_folder), device="cuda"),
+            plan={"targets": "all-linear", "rank": 8, "alpha": 16, "dropout": 0.0},
+            data={"train_path": str(data), "format": "text", "max_length": 128, "packing": True},
+            training=TrainingConfig(max_steps=6, batch_size=4, learning_rate=5e-3, eval_every=0, save_every=0,
+                                    spectrum_every=0, warmup_ratio=0.0, attention=setting),
+            output_dir=str(tmp_path / setting),
+        )
+        events: list = []
+        assert isinstance(train(config, events.append), ev.Finished)
+        losses[setting] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[setting] = [e.text for e in events if isinstance(e, ev.LogMessage)]
+    from studio.core.train import attention
+
+    for setting in ("varlen", "flex_attention", "auto"):
+        assert losses[setting] == pytest.approx(losses["sdpa"], rel=1e-2), (setting, logs[setting])
+    for setting in ("varlen", "flex_attention"):  # trained with it, not fallen back to SDPA
+        if attention.available(setting, is_cuda=True) is None:
+            assert f"attention: {setting} (packed rows without a dense mask)" in logs[setting], logs[setting]
+    assert any(text.startswith("attention: ") for text in logs["auto"]), logs["auto"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_train_one_run_with_each_gpus_memory(model_folder, tmp_path):
     import subprocess
