@@ -21,6 +21,7 @@ class StepBatch:
     # averages the processes' gradients), so the step's loss is the token-weighted mean one big batch would give
     label_tokens: float
     tokens: int  # non-padding tokens this process fed to the model
+    positions: int = 0  # positions the model computes (rows × width): tokens / positions is the padding efficiency
 
 
 class Batches:
@@ -40,15 +41,18 @@ class Batches:
     def for_step(self, step: int) -> StepBatch:
         """The micro-batches of optimizer step `step` (0-based), on the CPU, with their token counts."""
         indices = range(step * self.accumulation, (step + 1) * self.accumulation)
-        micro = [self.collate(self._micro_batch(index, self.rank)) for index in indices]
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in micro)  # packed batches carry position_ids instead of a mask
+        rows = [self._micro_batch(index, self.rank) for index in indices]
+        micro = [self.collate(examples) for examples in rows]
+        # real tokens: a padded batch's mask says which; a packed one carries position ids instead, so its examples do
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else
+                     sum(len(e.input_ids) for e in examples) for b, examples in zip(micro, rows))
+        positions = sum(int(b["input_ids"].numel()) for b in micro)
         if not self.is_lm:
-            return StepBatch(micro, 0, tokens)
+            return StepBatch(micro, 0, tokens, positions)
         # the other processes' batches are known here too (the order is shared): count their loss tokens without
         # asking them, which would cost a collective and a host sync
         counted = sum(_loss_tokens(self._micro_batch(index, rank)) for index in indices for rank in range(self.world))
-        return StepBatch(micro, counted / self.world if self.world > 1 else counted, tokens)
+        return StepBatch(micro, counted / self.world if self.world > 1 else counted, tokens, positions)
 
     def _micro_batch(self, index: int, rank: int) -> list[Any]:
         import torch

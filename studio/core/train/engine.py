@@ -196,6 +196,7 @@ class _Run:
     batches: Batches
     fused: bool  # the chunked loss (losses.py) instead of the model's own
     compile: Any  # compilation.CompilePolicy
+    attention: Any  # attention.TrainingAttention
     pad_id: int
     is_lm: bool
 
@@ -301,10 +302,13 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
             emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
             fused = False
+    training_attention = _training_attention(t.attention, peft_model, batches.for_step(state.step), accelerator,
+                                             is_cuda, packed=prepared.train[0].position_ids is not None, emit=emit)
+    undo.callback(training_attention.restore)
     compile_policy = compilation.CompilePolicy(
         t.compile_layers, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
     return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
-                prepared, batches, fused, compile_policy, pad_id, is_lm)
+                prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
 
 def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | ev.Failed:
@@ -355,14 +359,16 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         request = read_request(run.run_dir) if procs.world > 1 and procs.is_main else None
         peak = torch.cuda.max_memory_allocated(accelerator.device) if run.is_cuda else 0
         row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
-        row = torch.cat([row, torch.tensor([batch.tokens, peak, control.stop_requested or request == "stop",
+        row = torch.cat([row, torch.tensor([batch.tokens, batch.positions, peak,
+                                            control.stop_requested or request == "stop",
                                             control.pause_requested or request == "pause"],
                                            dtype=torch.float64).to(row.device, non_blocking=True)])
         rows = procs.gather_rows(row)
         loss_sum = sum(r[0] for r in rows) / len(rows)  # each process's loss is scaled to the global token count
         grad_norm = rows[0][1]
         tokens = int(sum(r[2] for r in rows))
-        agreed = (any(r[4] for r in rows), any(r[5] for r in rows))
+        positions = int(sum(r[3] for r in rows))
+        agreed = (any(r[5] for r in rows), any(r[6] for r in rows))
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             raise DivergedError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
@@ -383,21 +389,22 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
             tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
             tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
             eta_s=state.elapsed_s / state.step * (t.max_steps - state.step),
-            gpu_mem_bytes=int(max(r[3] for r in rows)) if run.is_cuda else None,
-            gpu_mem_per_device=tuple(int(r[3]) for r in rows) if run.is_cuda and procs.world > 1 else None,
+            gpu_mem_bytes=int(max(r[4] for r in rows)) if run.is_cuda else None,
+            gpu_mem_per_device=tuple(int(r[4]) for r in rows) if run.is_cuda and procs.world > 1 else None,
+            token_efficiency=tokens / positions if positions else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
             if procs.is_main:  # every process holds the same adapter weights
                 emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            with run.compile.eager():
+            with run.compile.eager(), run.attention.plain():
                 _evaluate(run, emit)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
 
     if run.prepared.val:
-        with run.compile.eager():
+        with run.compile.eager(), run.attention.plain():
             _evaluate(run, emit)
     if t.spectrum_every and procs.is_main:
         emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
@@ -408,8 +415,8 @@ def _on_device(run: _Run, batch: StepBatch) -> StepBatch:
     """The step's micro-batches copied to the device without blocking the host (losses.to_device)."""
     from studio.core.train import losses
 
-    return StepBatch([losses.to_device(b, run.accelerator.device, run.fused) for b in batch.micro],
-                     batch.label_tokens, batch.tokens)
+    return replace(batch, micro=[losses.to_device(b, run.accelerator.device, run.fused, run.attention.name)
+                                 for b in batch.micro])
 
 
 def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
@@ -451,6 +458,37 @@ def _fused_loss_on(setting: bool | str, model: Any, precision: str, emit: ev.Rec
     if reason and setting is True:
         emit(ev.LogMessage(f"fused_loss is off for this run: {reason}", "warning"))
     return reason is None
+
+
+def _training_attention(setting: str, model: Any, first: StepBatch, accelerator: Any, is_cuda: bool, *, packed: bool,
+                        emit: ev.Recorder) -> Any:
+    """The attention the training steps run with (attention.py): the first candidate that passes its check on a
+    packed row of the first batch; SDPA when none does."""
+    from studio.core.train import attention
+
+    names = attention.candidates(setting, is_cuda=is_cuda, packed=packed)
+    if setting not in ("auto", names[0]):
+        emit(ev.LogMessage(f"attention {setting} is off for this run: {attention.available(setting, is_cuda=is_cuda)}",
+                           "warning"))
+    chosen = attention.SDPA
+    if len(names) > 1:
+        import torch
+
+        micro = first.micro[0]
+        ids = micro["input_ids"][:1]
+        positions = micro["position_ids"][:1] if "position_ids" in micro else torch.arange(ids.shape[1])[None]
+        row = {"input_ids": ids.to(accelerator.device), "position_ids": positions.to(accelerator.device)}
+        labels = micro["labels"][:1].to(accelerator.device)
+        for name in names[:-1]:
+            why_not = attention.check(model, name, row, labels, accelerator.autocast)
+            if why_not is None:
+                chosen = name
+                break
+            emit(ev.LogMessage(f"attention {name} is off for this run: {why_not}",
+                               "warning" if setting == name else "info"))
+    if chosen != attention.SDPA:
+        emit(ev.LogMessage(f"attention: {chosen} (packed rows without a dense mask)"))
+    return attention.TrainingAttention(model, chosen)
 
 
 def _seed_everything(seed: int) -> None:

@@ -46,3 +46,13 @@ def test_token_counts_cover_every_micro_batch():
     batch = _batches(list(range(8)), accumulation=2).for_step(0)
     assert len(batch.micro) == 2
     assert batch.tokens == 2 * 2 * 2  # two micro-batches of two rows of two tokens
+
+
+def test_a_packed_step_counts_its_real_tokens_and_the_positions_computed():
+    from studio.core.data.dataset import Example, collate, pack
+
+    rows = pack([Example(tuple(range(1, n + 1)), tuple(range(1, n + 1)), n) for n in (5, 9, 3, 7, 6)], 16)
+    assert [len(row.input_ids) for row in rows] == [14, 16]
+    batch = Batches(rows, lambda examples: collate(examples, 0), batch_size=2, accumulation=1, world=1, rank=0,
+                    seed=0, is_lm=True).for_step(0)
+    assert (batch.tokens, batch.positions) == (30, 32)  # two rows of 16 computed, two padding positions
