@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
     train.add_argument("run_file", help="a run.yaml (write an example with `lora-studio init-run`)")
     train.add_argument("--run-dir", help="the run folder (default: OUTPUT_DIR/<time>-<model>)")
-    train.add_argument("--max-steps", type=int,
-                       help=f"override training.max_steps: {_field_help(TrainingConfig, 'max_steps')}")
+    train.add_argument("--max-steps", type=int, help="override training.max_steps (or training.epochs): "
+                       f"{_field_help(TrainingConfig, 'max_steps')}")
     _add_launch_arguments(train)
 
     res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
@@ -298,7 +298,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = runconfig.load(args.run_file)
     if args.max_steps is not None:
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=args.max_steps))
+        training = dataclasses.replace(config.training, max_steps=args.max_steps, epochs=None)  # steps replace epochs
+        config = dataclasses.replace(config, training=training)
         config.check()
     check_run(config)  # a run that cannot work is refused before torch is imported and the model loads
     _warn_about_remote_code(config)

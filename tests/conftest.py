@@ -12,6 +12,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # the studio's log (and the libraries' notices it collects) goes to a scratch folder, not the tester's own
 os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="lora-studio-test-state-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# prepared datasets are cached in a scratch folder: a test sees its own cache, never the tester's
+os.environ.setdefault("LORA_STUDIO_DATA_CACHE", tempfile.mkdtemp(prefix="lora-studio-test-data-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on 2 cores
 # what `lora-studio` sets before it imports the libraries: tests that call studio.cli.main in this process see the

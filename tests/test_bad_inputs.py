@@ -3,9 +3,8 @@ model sources, output paths, numbers and checkpoint folders, each with the messa
 
 Each row is run twice: through the CLI (`studio.cli.main` in this process, the file descriptors captured: exit code
 2, nothing on stdout, exactly one line on stderr) and through the core function the CLI calls for it (the same
-StudioError, whose message must be the CLI's line). Rows whose right answer needs the safe-output rules of issue
-#10's other half are marked xfail(strict) with the reason: they start passing, and then fail as XPASS, once that
-work is merged, so the marker goes then."""
+StudioError, whose message must be the CLI's line). A row that names a folder it must not change (a refused train
+into a run, a refused resume) also checks that the folder is as it was, file by file, after both."""
 
 from __future__ import annotations
 
@@ -35,8 +34,6 @@ from studio.core.model.plan import LoraPlan, check_values, count, validate
 from studio.core.train.engine import resume, train
 from studio.core.train.preflight import check_run
 
-SAFE_OUTPUTS = "needs the safe-output rule of issue #10's first half (branch outputs): re-check after merging"
-
 
 @dataclass(frozen=True)
 class Case:
@@ -44,6 +41,7 @@ class Case:
     message: str  # what its one line must say
     core: Callable[[], object] | None  # the core call behind it: raises the StudioError (or returns a Failed event)
     cwd: Path | None = None
+    untouched: Path | None = None  # a folder neither the CLI nor the core call may change
 
 
 class World:
@@ -399,19 +397,40 @@ def _read_only_case(w: World) -> Case:
 def _export_into_cwd(w: World) -> Case:
     cwd = w.fresh()
     w.file("thesis.docx", "years of work", cwd)
-    return Case(["export", str(w.run), "--out", "."], "--force", lambda: export_run_adapter(w.run, cwd), cwd=cwd)
+    return Case(["export", str(w.run), "--out", "."],
+                f"the current folder {cwd.resolve()} holds files the studio did not write (thesis.docx): choose a new "
+                "or empty folder for the adapter, or use --force to write beside them (they are kept)",
+                lambda: export_run_adapter(w.run, cwd), cwd=cwd, untouched=cwd)
 
 
 def _export_into_its_run(w: World) -> Case:
     run = w.copy_of_run()
-    return Case(["export", str(run), "--out", str(run)], "--force", lambda: export_run_adapter(run, run))
+    return Case(["export", str(run), "--out", str(run)],
+                f"{run} is a run folder: write the adapter to a new folder (one inside it is fine, e.g. "
+                f"{run / 'export'})",
+                lambda: export_run_adapter(run, run), untouched=run)
 
 
 def _run_dir_is_a_file(w: World) -> Case:
     run_file = w.run_file()
     target = w.file("taken", "a person's file", w.fresh())
-    return Case(["train", str(run_file), "--run-dir", str(target)], f"cannot write the run folder {target}",
+    return Case(["train", str(run_file), "--run-dir", str(target)],
+                f"cannot write the run folder {target}: {target} is a file, not a folder",
                 lambda: train(runconfig.load(run_file), run_dir=target))
+
+
+def _run_dir_inside_a_file(w: World) -> Case:
+    run_file, target = w.run_file(), _inside_a_file(w)
+    return Case(["train", str(run_file), "--run-dir", str(target)],
+                f"cannot write the run folder {target}: {target.parent} is a file, not a folder",
+                lambda: train(runconfig.load(run_file), run_dir=target))
+
+
+def _train_into_a_run(w: World) -> Case:
+    run_file, run = w.run_file(), w.copy_of_run()
+    return Case(["train", str(run_file), "--run-dir", str(run)],
+                f"{run} holds a run already: resume it (lora-studio resume {run}) or choose a new run folder",
+                lambda: train(runconfig.load(run_file), run_dir=run), untouched=run)
 
 
 OUTPUT_PATHS: dict[str, Callable[[World], Case]] = {
@@ -425,12 +444,13 @@ OUTPUT_PATHS: dict[str, Callable[[World], Case]] = {
         None))(_inside_a_file(w)),
     "output: export without permission": _read_only_case,
     "output: train into a file": _run_dir_is_a_file,
+    "output: train inside a file": _run_dir_inside_a_file,
+    "output: train into an existing run": _train_into_a_run,
     "output: init-run inside a file": lambda w: (lambda out: Case(
-        ["init-run", str(out / "run.yaml")], "Not a directory", None))(_inside_a_file(w)),
-    "output: export into the current folder": pytest.param(
-        _export_into_cwd, marks=pytest.mark.xfail(strict=True, reason=SAFE_OUTPUTS)),
-    "output: export into the run folder itself": pytest.param(
-        _export_into_its_run, marks=pytest.mark.xfail(strict=True, reason=SAFE_OUTPUTS)),
+        ["init-run", str(out / "run.yaml")], f"cannot write {out / 'run.yaml'}: {out.parent} is a file, not a folder",
+        None))(_inside_a_file(w)),
+    "output: export into the current folder": _export_into_cwd,
+    "output: export into the run folder itself": _export_into_its_run,
 }
 
 NUMBERS: dict[str, Callable[[World], Case]] = {
@@ -497,7 +517,22 @@ def _run_with_only(w: World, name: str, *, adapter: bool) -> Path:
     return run
 
 
+def _resume_to(w: World, max_steps: int, message: str) -> Case:
+    """`resume --max-steps` on a copy of the finished run (4 steps, its one checkpoint at step 2)."""
+    run = w.copy_of_run()
+    return Case(["resume", str(run), "--max-steps", str(max_steps)], message.format(run=run),
+                lambda: resume(run, max_steps=max_steps), untouched=run)
+
+
+AT_THE_CHECKPOINT = "the latest checkpoint of {run} is at step 2: a resume needs more than 2 steps to train (max steps " \
+                    "is "
+
 CHECKPOINTS: dict[str, Callable[[World], Case]] = {
+    "checkpoint: resume --max-steps at the last checkpoint": lambda w: _resume_to(w, 2, AT_THE_CHECKPOINT + "2)"),
+    "checkpoint: resume --max-steps below the last checkpoint": lambda w: _resume_to(w, 1, AT_THE_CHECKPOINT + "1)"),
+    "checkpoint: resume --max-steps below the finished step": lambda w: _resume_to(
+        w, 3, "{run} finished at step 4: resuming it to step 3 would replace its adapter with an earlier one; give at "
+              "least 4 steps, or export it first"),
     "checkpoint: resume when the only checkpoint is `step-20 copy`": lambda w: (lambda run: Case(
         ["resume", str(run)], "has no checkpoint to resume from", lambda: resume(run)))(
         _run_with_only(w, "step-20 copy", adapter=True)),
@@ -526,7 +561,7 @@ def world(tmp_path_factory, tiny_model_folder):
     config = runconfig.RunConfig.from_dict({
         "model": {"source": str(tiny_model_folder), "device": "cpu"}, "plan": {"targets": "q_proj", "rank": 2},
         "data": {"train_path": str(root / "run-data.jsonl"), "format": "instruction", "max_length": 64},
-        "training": {"max_steps": 2, "batch_size": 2, "save_every": 1, "spectrum_every": 0, "eval_every": 0},
+        "training": {"max_steps": 4, "batch_size": 2, "save_every": 2, "spectrum_every": 0, "eval_every": 0},
     })
     finished = train(config, run_dir=root / "finished-run")
     assert isinstance(finished, ev.Finished), finished
@@ -545,6 +580,7 @@ def _params(table: dict) -> list:
 def test_a_bad_input_ends_in_one_clear_line(row, world, capfd, monkeypatch):
     case = row(world)
     monkeypatch.chdir(case.cwd or world.root)
+    before = _snapshot(case.untouched)
     capfd.readouterr()
     code = _exit_code(case.argv)
     out, err = capfd.readouterr()
@@ -553,15 +589,22 @@ def test_a_bad_input_ends_in_one_clear_line(row, world, capfd, monkeypatch):
     assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("lora-studio: "), err
     line = err.removeprefix("lora-studio: ").rstrip("\n")
     assert case.message in line
-    if case.core is None:
-        return
-    try:
-        result = case.core()
-    except StudioError as exc:
-        assert str(exc) == line
-    else:
-        assert isinstance(result, ev.Failed), f"the core accepted what the CLI refused: {result!r}"
-        assert line.startswith(result.message)
+    if case.core is not None:
+        try:
+            result = case.core()
+        except StudioError as exc:
+            assert str(exc) == line
+        else:
+            assert isinstance(result, ev.Failed), f"the core accepted what the CLI refused: {result!r}"
+            assert line.startswith(result.message)
+    assert _snapshot(case.untouched) == before
+
+
+def _snapshot(folder: Path | None) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder`: (size, modification time); {} for none."""
+    if folder is None:
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 def _exit_code(argv: list[str]) -> int:

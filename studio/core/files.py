@@ -51,7 +51,7 @@ def atomic_file(path: str | Path, what: str | None = None) -> Iterator[Path]:
     _refuse_blocked(path.parent, path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = _temp_name(path)
+        temp = temp_name(path)
         os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     except OSError as exc:
         raise WriteError(_cannot(path, what, exc)) from exc
@@ -67,6 +67,15 @@ def atomic_file(path: str | Path, what: str | None = None) -> Iterator[Path]:
         if reason is None:
             raise
         raise WriteError(_cannot(path, what, reason)) from exc
+
+
+def cache_root() -> Path:
+    """The studio's cache (converted models, prepared datasets): $LORA_STUDIO_CACHE, else
+    $XDG_CACHE_HOME/lora-studio, else ~/.cache/lora-studio."""
+    if os.environ.get("LORA_STUDIO_CACHE"):
+        return Path(os.environ["LORA_STUDIO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lora-studio"
 
 
 @contextmanager
@@ -89,7 +98,7 @@ def atomic_folder(target: str | Path, what: str, *, force: bool = False, owned: 
     existing = target.is_dir()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = _temp_name((target if existing else target.parent) / target.name)
+        staging = temp_name((target if existing else target.parent) / target.name)
         os.mkdir(staging, 0o777)  # the umask applies
     except OSError as exc:
         raise WriteError(_cannot(target, what, exc)) from exc
@@ -127,7 +136,7 @@ def _move_into(staging: Path, target: Path, written: dict[str, list], what: str,
     for name in written:
         new, old = staging / name, target / name
         if old.is_dir() and not old.is_symlink():
-            old.rename(_temp_name(staging / name))  # a folder cannot be renamed over: aside, removed with staging
+            old.rename(temp_name(staging / name))  # a folder cannot be renamed over: aside, removed with staging
         else:
             _keep_mode(old, new)
         os.replace(new, old)
@@ -260,14 +269,27 @@ def _cannot(target: Path, what: str | None, reason: OSError | str | None) -> str
     return f"cannot write the {what} to {target}: {reason}" if what else f"cannot write {target}: {reason}"
 
 
+def blocking_file(folder: str | Path) -> Path | None:
+    """The file that stands where `folder` or one of its parents should be (nothing can be written under it), or
+    None."""
+    folder = Path(folder).expanduser()
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _refuse_blocked(folder: Path, target: Path, what: str | None) -> None:
-    """A file where `folder` or one of its parents should be: nothing can be written under it."""
-    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    blocker = blocking_file(folder)
     if blocker is not None:
         raise WriteError(_cannot(target, what, f"{blocker} is a file, not a folder"))
 
 
-def _temp_name(path: Path) -> Path:
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of this module's temp names (`.NAME.partial-XXXXXXXX`): a write under way, or one a
+    crash cut short."""
+    return _PARTIAL.fullmatch(name) is not None
+
+
+def temp_name(path: Path) -> Path:
+    """A new temp name beside `path`: `.NAME.partial-XXXXXXXX`."""
     return path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
 
 

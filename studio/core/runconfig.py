@@ -46,7 +46,11 @@ class ModelConfig:
 class TrainingConfig:
     learning_rate: float = field(default=2e-4, metadata=_help(
         "AdamW's learning rate; LoRA usually wants 1e-4 to 2e-3"))
-    max_steps: int = field(default=100, metadata=_help("Optimizer steps; epochs follow from the data size and batch"))
+    max_steps: int | None = field(default=100, metadata=_help(
+        "Optimizer steps; epochs follow from the data size and batch (null when the run is given in epochs)"))
+    epochs: float | None = field(default=None, metadata=_help(
+        "Passes over the training data, instead of max_steps (give one of them); the steps they mean follow from "
+        "the prepared data, the batch size, gradient accumulation and the number of processes"))
     batch_size: int = field(default=8, metadata=_help("Examples per micro-batch"))
     gradient_accumulation: int = field(default=1, metadata=_help("Micro-batches per optimizer step"))
     warmup_ratio: float = field(default=0.05, metadata=_help(
@@ -60,13 +64,17 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute activations in the backward pass instead of keeping them: less memory, slower steps"))
     seed: int = field(default=0, metadata=_help("Seeds the data order, dropout and the adapter's initialisation"))
-    eval_every: int = field(default=25, metadata=_help(
+    eval_every: int | None = field(default=25, metadata=_help(
         "Steps between validation runs (the run always ends with one); 0: at the end only"))
+    eval_every_epochs: float | None = field(default=None, metadata=_help(
+        "Evaluate every this many epochs (e.g. 0.5), instead of eval_every steps"))
     eval_examples: int = field(default=64, metadata=_help(
         "Validation examples scored by generation (exact match or accuracy) per evaluation; 0 reports the "
         "validation loss only"))
-    save_every: int = field(default=50, metadata=_help(
+    save_every: int | None = field(default=50, metadata=_help(
         "Steps between checkpoints (Pause and Stop save one too); 0 keeps only the final adapter"))
+    save_every_epochs: float | None = field(default=None, metadata=_help(
+        "Save a checkpoint every this many epochs, instead of save_every steps"))
     spectrum_every: int = field(default=10, metadata=_help(
         "Steps between singular-value snapshots of the adapter; 0 turns them off"))
     keep_checkpoints: int = field(default=2, metadata=_help(
@@ -101,7 +109,7 @@ class RunConfig:
             raise RunConfigError("a run file must be a mapping with model, plan, data and training sections")
         _reject_unknown("the run file", data, {f.name for f in dataclasses.fields(cls)})
         model = _section(ModelConfig, data.get("model") or {}, "model")
-        training = _section(TrainingConfig, data.get("training") or {}, "training")
+        training = _section(TrainingConfig, _in_steps_or_epochs(data.get("training") or {}), "training")
         plan = _mapping(data.get("plan"), "plan")
         data_section = _mapping(data.get("data"), "data")
         if not plan.get("targets") and not model.adapter:
@@ -128,7 +136,13 @@ class RunConfig:
         t = self.training
         _require(math.isfinite(t.learning_rate) and t.learning_rate > 0,
                  f"training.learning_rate must be a positive number, got {t.learning_rate:g}")
-        _require(t.max_steps >= 1, "training.max_steps must be at least 1")
+        for steps, epochs in STEPS_OR_EPOCHS.items():
+            _require(getattr(t, steps) is None or getattr(t, epochs) is None,
+                     f"training: give {steps} or {epochs}, not both")
+        _require(t.max_steps is not None or t.epochs is not None,
+                 "training: give max_steps (optimizer steps) or epochs (passes over the data)")
+        _require(t.max_steps is None or t.max_steps >= 1, "training.max_steps must be at least 1")
+        _require(t.epochs is None or t.epochs > 0, "training.epochs must be above 0")
         _require(t.batch_size >= 1, "training.batch_size must be at least 1")
         _require(t.gradient_accumulation >= 1, "training.gradient_accumulation must be at least 1")
         _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
@@ -137,8 +151,9 @@ class RunConfig:
         _one_of("training.optimizer", t.optimizer, ("adamw", "adamw-8bit"))
         _one_of("training.precision", t.precision, ("auto", "no", "bf16", "fp16"))
         _require(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 turns clipping off)")
-        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples", "keep_checkpoints"):
-            _require(getattr(t, name) >= 0, f"training.{name} must be >= 0")
+        for name in ("eval_every", "save_every", "spectrum_every", "eval_examples", "keep_checkpoints",
+                     "eval_every_epochs", "save_every_epochs"):
+            _require(getattr(t, name) is None or getattr(t, name) >= 0, f"training.{name} must be >= 0")
         for name in ("fused_loss", "compile_layers"):
             value = getattr(t, name)
             _require(isinstance(value, bool) or value == "auto",
@@ -153,6 +168,21 @@ class RunConfig:
             _one_of("model.quantization", m.quantization, ("4bit", "8bit"))
         _require(m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", m.device) is not None,
                  f"model.device: use auto, cpu, cuda or cuda:N, got {m.device!r}")
+
+
+STEPS_OR_EPOCHS = {"max_steps": "epochs", "eval_every": "eval_every_epochs", "save_every": "save_every_epochs"}
+
+
+def _in_steps_or_epochs(training: Any) -> Any:
+    """A training section that gives a length in epochs leaves its twin in steps out (None), so that run files
+    written before epochs existed keep their step defaults and one saying `epochs: 3` needs no `max_steps: null`."""
+    if not isinstance(training, Mapping):
+        return training
+    values = dict(training)
+    for steps, epochs in STEPS_OR_EPOCHS.items():
+        if values.get(epochs) is not None and steps not in values:
+            values[steps] = None
+    return values
 
 
 def _require(condition: bool, message: str) -> None:
@@ -215,22 +245,24 @@ def _section(cls: type, data: Any, where: str) -> Any:
 
 
 def _coerce(where: str, value: Any, default: Any, annotation: Any) -> Any:
-    """`value` as the type of the field's default; RunConfigError naming the field when it cannot be one."""
-    if "bool | str" in str(annotation):  # true, false or auto: checked by RunConfig.check
+    """`value` as the type of the field (its default's, or its annotation's when the default is None);
+    RunConfigError naming the field when it cannot be one."""
+    kind = str(annotation)
+    if "bool | str" in kind:  # true, false or auto: checked by RunConfig.check
         return value
+    if value is None and "None" in kind:  # e.g. max_steps: null in a run given in epochs
+        return None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RunConfigError(f"{where} must be true or false, got {_shown(value)}")
         return value
-    if isinstance(default, (int, float)):
+    if isinstance(default, (int, float)) or (default is None and kind.startswith(("int", "float"))):
         number = _number(where, value)
-        if isinstance(default, float):
-            return number
+        if isinstance(default, float) or kind.startswith("float"):
+            return float(number)
         if not float(number).is_integer():
             raise RunConfigError(f"{where} must be a whole number, got {_shown(value)}")
         return int(number)
-    if value is None and "None" in str(annotation):
-        return None
     if not isinstance(value, str):
         raise RunConfigError(f"{where} must be text, got {_shown(value)}")
     return value

@@ -1,9 +1,10 @@
 """The data panel: which file to train on and how to read it, shown the way the model will see it.
 
-Open a file (CSV/TSV, JSON, JSONL, Parquet, TXT), pick the format and map columns to roles (detected by
-default), hold out validation data (a file or a fraction), and see one formatted row with its loss tokens
-highlighted, the token-length histogram against the maximum length, and every row that had to be left out.
-It starts on the built-in demo, so a fresh window can train in one click.
+Open a file (CSV/TSV, JSON, JSONL, Parquet, TXT) or a hub dataset id, pick the format and map columns to roles
+(detected by default), choose what becomes of rows longer than the maximum length, hold out validation data (a
+file or a fraction), and see one formatted row with its loss tokens highlighted, the token-length histogram
+against the maximum length, how many training examples and optimizer steps an epoch is, and every row that had
+to be left out. It starts on the built-in demo, so a fresh window can train in one click.
 
 All reading and tokenizing runs in `DataJobs` off the UI thread; see data_jobs.py.
 """
@@ -21,13 +22,12 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QListWidget,
+    QListView,
     QPushButton,
     QSpinBox,
     QSplitter,
@@ -39,11 +39,14 @@ from PySide6.QtWidgets import (
 from studio.core.data.dataset import DataSpec, Preview, demo_spec
 from studio.core.data.formats import FORMATS
 from studio.core.errors import DataError
+from studio.ui.bad_rows import BadRowsModel, source_label
 from studio.ui.column_mapping import ColumnMapping
 from studio.ui.data_jobs import DataAnalysis, DataJobs
+from studio.ui.data_source_dialog import SOURCE_HINT, ask_for_data_source
+from studio.ui.data_summary import OVERFLOW_FATES, field_help, summary_html
 from studio.ui.length_histogram import LengthHistogram
+from studio.ui.overflow_choice import OverflowChoice
 
-FILE_FILTER = "Data files (*.csv *.tsv *.json *.jsonl *.parquet *.txt);;All files (*)"
 LOSS_COLOURS = ("#ffd43b", "#ffe58f")  # alternating, so neighbouring tokens stay apart
 CONTEXT_COLOURS = ("#e9ecef", "#f8f9fa")
 ERROR_STYLE = "color: #b3261e; font-weight: bold;"
@@ -73,6 +76,7 @@ class DataPanel(QWidget):
         self.analysis: DataAnalysis | None = None
         self.shown_preview: Preview | None = None
         self._max_length = demo_spec().max_length
+        self._batch = (8, 1)  # the training form's batch size and gradient accumulation (set_batch)
         self._columns: tuple[str, ...] = ()
         self._stale = True  # settings changed while the panel was hidden
         self.jobs = DataJobs(self)
@@ -89,7 +93,9 @@ class DataPanel(QWidget):
     def _build(self) -> None:
         self.path_edit = QLineEdit()
         self.path_edit.setReadOnly(True)
+        self.path_edit.setToolTip(field_help("train_path"))
         open_button = QPushButton("Open…")
+        open_button.setToolTip(SOURCE_HINT)
         open_button.clicked.connect(self.choose_file)
         demo_button = QPushButton("Built-in demo")
         demo_button.setToolTip("Dates to ISO 8601: 300 training and 60 held-out rows for the built-in model")
@@ -104,15 +110,18 @@ class DataPanel(QWidget):
         for fmt in FORMATS:
             self.format_combo.addItem(fmt, fmt)
         self.format_combo.currentIndexChanged.connect(self._on_format_changed)
+        self.format_combo.setToolTip(field_help("format"))
         self.detected_label = QLabel()
         self.txt_combo = QComboBox()
         self.txt_combo.addItem("one document per file", "file")
         self.txt_combo.addItem("blank-line-separated blocks", "blocks")
         self.txt_combo.currentIndexChanged.connect(self._schedule_refresh)
+        self.txt_combo.setToolTip(field_help("txt_mode"))
         self.packing_check = QCheckBox("pack examples")
-        self.packing_check.setToolTip("Join short examples into sequences of the maximum length (each still attends "
-                                      "only to itself): fewer padding tokens, faster epochs")
+        self.packing_check.setToolTip(field_help("packing"))
         self.packing_check.toggled.connect(self._schedule_refresh)
+        self.overflow = OverflowChoice(self._max_length)
+        self.overflow.sig_changed.connect(self._schedule_refresh)
         self.columns = ColumnMapping()
         self.columns.sig_changed.connect(self._schedule_refresh)
 
@@ -120,6 +129,8 @@ class DataPanel(QWidget):
         for text, key in SPLITS:
             self.split_combo.addItem(text, key)
         self.split_combo.currentIndexChanged.connect(self._on_split_changed)
+        self.split_combo.setToolTip(f"{field_help('val_fraction')}; or {field_help('val_path')[0].lower()}"
+                                    f"{field_help('val_path')[1:]}")
         self.fraction_spin = QDoubleSpinBox()
         self.fraction_spin.setRange(0.01, 0.5)
         self.fraction_spin.setSingleStep(0.05)
@@ -139,6 +150,7 @@ class DataPanel(QWidget):
         form = QFormLayout()
         form.addRow("Format", self._pair(self.format_combo, self.detected_label))
         form.addRow("Text files", self.txt_combo)
+        form.addRow("Longer rows", self.overflow)
         form.addRow("", self.packing_check)
         form.addRow("Validation", self.split_combo)
         form.addRow("Fraction", self.fraction_spin)
@@ -158,7 +170,10 @@ class DataPanel(QWidget):
         left_layout.addWidget(self.summary_label)
         left_layout.addWidget(self.error_label)
         self.bad_rows_label = QLabel("Bad rows")
-        self.bad_rows_list = QListWidget()
+        self.bad_rows = BadRowsModel(self)
+        self.bad_rows_list = QListView()
+        self.bad_rows_list.setUniformItemSizes(True)  # the view lays out only the rows it shows
+        self.bad_rows_list.setModel(self.bad_rows)
         left_layout.addWidget(self.bad_rows_label)
         left_layout.addWidget(self.bad_rows_list, 1)
 
@@ -216,7 +231,14 @@ class DataPanel(QWidget):
     def set_max_length(self, max_length: int) -> None:
         if max_length != self._max_length:
             self._max_length = max_length
+            self.overflow.set_max_length(max_length)
             self._schedule_refresh()
+
+    def set_batch(self, batch_size: int, gradient_accumulation: int = 1) -> None:
+        """The training form's batch: the summary says how many optimizer steps an epoch is."""
+        self._batch = (batch_size, gradient_accumulation)
+        if self.analysis is not None and self.analysis.prepared is not None:
+            self.summary_label.setText(summary_html(self.analysis.prepared, *self._batch))
 
     def open_file(self, path: str | Path) -> None:
         """Train on `path` from now on; format and columns go back to detection."""
@@ -233,7 +255,7 @@ class DataPanel(QWidget):
             val_path=self.val_edit.text() if split == "file" else None,
             val_fraction=float(self.fraction_spin.value()) if split == "fraction" else 0.0,
             max_length=self._max_length, packing=self.packing_check.isChecked(),
-            txt_mode=self.txt_combo.currentData(),
+            txt_mode=self.txt_combo.currentData(), overflow=self.overflow.overflow(), stride=self.overflow.stride(),
         )
 
     @Slot()
@@ -287,6 +309,7 @@ class DataPanel(QWidget):
             self.fraction_spin.setValue(spec.val_fraction)
         self.packing_check.setChecked(spec.packing)
         self.txt_combo.setCurrentIndex(self.txt_combo.findData(spec.txt_mode))
+        self.overflow.show_format(None if spec.format == "auto" else spec.format, spec.overflow, spec.stride)
         for widget in widgets:
             widget.blockSignals(False)
         self._show_split_rows()
@@ -307,6 +330,7 @@ class DataPanel(QWidget):
     def _on_format_changed(self) -> None:
         chosen = self.format_combo.currentData()
         self._set_roles(None if chosen == "auto" else chosen, {})
+        self.overflow.show_format(None if chosen == "auto" else chosen)
         self._schedule_refresh()
 
     @Slot()
@@ -335,17 +359,28 @@ class DataPanel(QWidget):
     def _last_folder(self) -> str:
         return str(self._settings.value("paths/data_folder", str(Path.home())))
 
+    def _ask_for_data(self, title: str) -> str | None:
+        """A data file or a hub dataset id from the Open dialog; the folder of a file is remembered."""
+        try:
+            chosen = ask_for_data_source(self, title, self._last_folder())
+        except DataError as exc:
+            self._show_error(str(exc))
+            return None
+        if chosen and Path(chosen).exists():
+            self._settings.setValue("paths/data_folder", str(Path(chosen).parent))
+        return chosen
+
     @Slot()
     def choose_file(self) -> None:
-        """Ask for a training file (the Open… button and File ▸ Open dataset…) and open it."""
-        path, _ = QFileDialog.getOpenFileName(self, "Open training data", self._last_folder(), FILE_FILTER)
+        """Ask for training data, a file or a hub dataset id (the Open… button and File ▸ Open dataset…), and
+        open it."""
+        path = self._ask_for_data("Open training data")
         if path:
-            self._settings.setValue("paths/data_folder", str(Path(path).parent))
             self.open_file(path)
 
     @Slot()
     def _on_val_browse_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open validation data", self._last_folder(), FILE_FILTER)
+        path = self._ask_for_data("Open validation data")
         if path:
             self.val_edit.setText(path)
             self._schedule_refresh()
@@ -363,6 +398,7 @@ class DataPanel(QWidget):
             self._columns = analysis.table.columns
         if analysis.prepared is not None:
             self._set_roles(analysis.prepared.format, self.columns.mapping(), analysis.prepared.columns)
+            self.overflow.show_format(analysis.prepared.format)
         elif analysis.table is not None:
             chosen = self.format_combo.currentData()
             self._set_roles(None if chosen == "auto" else chosen, self.columns.mapping())
@@ -375,7 +411,7 @@ class DataPanel(QWidget):
             self._show_prepared(analysis)
         elif analysis.error and analysis.preview is None:
             self.summary_label.clear()
-            self.bad_rows_list.clear()
+            self.bad_rows.set_rows(())
             self.histogram.show_lengths(np.zeros(0, dtype=int), self._max_length)
         self._show_preview(analysis.preview)
         self.sig_analysed.emit(analysis)
@@ -383,22 +419,15 @@ class DataPanel(QWidget):
     def _show_prepared(self, analysis: DataAnalysis) -> None:
         prepared = analysis.prepared
         assert prepared is not None
-        stats = prepared.stats
         detected = self.format_combo.currentData() == "auto"
         self.detected_label.setText(f"detected: {prepared.format}" if detected else "")
-        self.summary_label.setText(
-            f"<b>{len(prepared.train)}</b> training and <b>{len(prepared.val)}</b> validation examples"
-            f"{' (packed)' if self.packing_check.isChecked() else ''}. Tokens per example: min {stats.min}, "
-            f"median {stats.median:.0f}, 95% under {stats.p95:.0f}, max {stats.max}; "
-            f"<b>{stats.truncated}</b> cut at the maximum length {stats.max_length}."
-        )
+        self.summary_label.setText(summary_html(prepared, *self._batch))
         bad = prepared.bad_rows
-        self.bad_rows_label.setText(f"{len(bad)} bad row{'s' if len(bad) != 1 else ''} (left out of training)"
+        self.bad_rows_label.setText(f"{len(bad):,} bad row{'s' if len(bad) != 1 else ''} (left out of training)"
                                     if bad else "No bad rows")
-        self.bad_rows_list.clear()
-        for row in bad:
-            self.bad_rows_list.addItem(f"{Path(row.file).name}, row {row.row}: {row.reason}")
-        self.histogram.show_lengths(np.asarray(stats.lengths), stats.max_length)
+        self.bad_rows.set_rows(bad)
+        fate = OVERFLOW_FATES[prepared.overflow].split(" (")[0]
+        self.histogram.show_lengths(prepared.stats.lengths, prepared.stats.max_length, fate)
 
     def _show_preview(self, preview: Preview | None) -> None:
         self.shown_preview = preview
@@ -407,10 +436,13 @@ class DataPanel(QWidget):
             self.row_label.clear()
             return
         loss = sum(1 for _, carries in preview.tokens if carries)
-        cut = f", cut from {preview.length}" if preview.truncated else ""
+        cut = f", cut from {preview.length:,}" if preview.truncated else ""
+        windows = f" → {preview.windows:,} windows" if preview.windows > 1 else ""
+        shown = f" (the first {len(preview.tokens):,} shown)" if len(preview.tokens) < preview.kept else ""
         self.row_label.setText(
-            f"{Path(preview.file).name}, line {preview.row} · {preview.format} · {len(preview.tokens)} tokens{cut}, "
-            f"{loss} carry the loss" + (f" · label {preview.label}" if preview.label is not None else "")
+            f"{source_label(preview.file)}, line {preview.row} · {preview.format} · {preview.kept:,} tokens{cut}"
+            f"{windows}{shown}, {loss} carry the loss" + (f" · label {preview.label}" if preview.label is not None
+                                                           else "")
         )
         self.preview_view.setHtml(preview_html(preview))
 

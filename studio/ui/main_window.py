@@ -200,6 +200,17 @@ class MainWindow(QMainWindow):
     def _on_run_open_failed(self, why: str) -> None:
         self.show_error("Cannot open the run", why)
 
+    @Slot()
+    def _on_batch_changed(self) -> None:
+        form = self.train_panel.form
+        self.data_panel.set_batch(form.batch_size.value(), form.gradient_accumulation.value())
+
+    @Slot(object)
+    def _on_data_analysed(self, analysis: object) -> None:
+        prepared = getattr(analysis, "prepared", None)
+        if prepared is not None:
+            self.train_panel.form.set_train_examples(len(prepared.train))
+
     def _connect_panels(self) -> None:
         """The panels share the run's shape: one max length, batch size and checkpointing setting, whichever
         panel the user changes it in; the run's events reach the spectrum panel; a finished run's adapter is
@@ -212,9 +223,14 @@ class MainWindow(QMainWindow):
         form.gradient_checkpointing.toggled.connect(memory.checkpointing_check.setChecked)
         memory.checkpointing_check.toggled.connect(form.gradient_checkpointing.setChecked)
         memory.qlora_check.toggled.connect(self.train_panel.set_qlora)
+        # an epoch in steps needs the data's example count and the batch: the form and the data tab tell each other
+        for spin in (form.batch_size, form.gradient_accumulation):
+            spin.valueChanged.connect(self._on_batch_changed)
+        self.data_panel.sig_analysed.connect(self._on_data_analysed)
         self.data_panel.set_max_length(form.max_length.value())
         memory.seq_spin.setValue(form.max_length.value())
         memory.batch_spin.setValue(form.batch_size.value())
+        self._on_batch_changed()
         session = self.train_panel.session
         session.sig_event.connect(self.spectrum_panel.on_training_event)
         session.sig_finished.connect(self._on_training_finished)

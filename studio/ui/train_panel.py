@@ -239,8 +239,9 @@ class TrainPanel(QWidget):
         self.plots.clear()
         self.log_view.clear()
         self.fold_button.setChecked(False)
-        self._log(f"Starting: {len(config.plan['targets'])} target modules, {config.training.max_steps} steps")
-        self.progress.setRange(0, config.training.max_steps)
+        steps = self.form.max_steps.value()  # in epochs too: the form keeps it at the steps the epochs are
+        self._log(f"Starting: {len(config.plan['targets'])} target modules, {steps} steps")
+        self.progress.setRange(0, steps)
         self.progress.setValue(0)
         self._form_as_run = config.training
         return self.session.start(config, self._base_for(config))
@@ -302,7 +303,7 @@ class TrainPanel(QWidget):
         self._form_as_run = self.form.training_config(config.training)
         self.form.max_length.setValue(int(config.data.get("max_length", self.form.max_length.value())))
         self.plots.clear()
-        self.plots.set_step_range(config.training.max_steps)
+        self.plots.set_step_range(self.form.max_steps.value())
         for event in (event_from(record) for record in read_records(run_dir)):
             if isinstance(event, ev.StepMetrics):
                 self.plots.add_step(event)

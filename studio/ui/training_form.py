@@ -1,5 +1,7 @@
 """The hyperparameters of a run as a form: it reads and writes the core's `TrainingConfig` (plus the data's
-maximum length, which the data panel shows against its length histogram)."""
+maximum length, which the data panel shows against its length histogram). A run's length is given in optimizer
+steps or in epochs; once it knows how many training examples the data makes (`set_train_examples`), the form
+shows what the one means in the other, and in epochs mode `max_steps` holds the steps they come to."""
 
 from __future__ import annotations
 
@@ -8,8 +10,19 @@ from dataclasses import fields
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QValidator
-from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QSpinBox, QWidget
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QSpinBox,
+    QWidget,
+)
 
+from studio.core.data.epochs import steps_for_epochs, steps_per_epoch
+from studio.core.data.spec import DataSpec
 from studio.core.runconfig import DEMO_TRAINING, TrainingConfig, field_help
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -70,6 +83,17 @@ class TrainingForm(QWidget):
         self.learning_rate = LearningRateSpinBox()
         self.learning_rate.setToolTip(_tip("learning_rate"))
         self.max_steps = _spin(1, 10_000_000, _tip("max_steps"))
+        self.epochs = QDoubleSpinBox()
+        self.epochs.setRange(0.01, 100_000.0)
+        self.epochs.setDecimals(2)
+        self.epochs.setValue(1.0)
+        self.epochs.setToolTip(_tip("epochs"))
+        self.length_unit = QComboBox()
+        self.length_unit.addItem("steps", "steps")
+        self.length_unit.addItem("epochs", "epochs")
+        self.length_unit.setToolTip("Give the run's length in optimizer steps or in passes over the data")
+        self.length_hint = QLabel()  # what the length means in the other unit, once the data is known
+        self._train_examples: int | None = None
         self.batch_size = _spin(1, 4096, _tip("batch_size"))
         self.gradient_accumulation = _spin(1, 1024, _tip("gradient_accumulation"))
         self.warmup = QDoubleSpinBox()
@@ -83,16 +107,24 @@ class TrainingForm(QWidget):
         self.eval_examples = _spin(0, 100_000, _tip("eval_examples"), "loss only")
         self.save_every = _spin(0, 10_000_000, _tip("save_every"), "off")
         self.spectrum_every = _spin(0, 10_000_000, _tip("spectrum_every"), "off")
-        # DataSpec's field; its tooltip comes from DataSpec's help once that carries one
-        self.max_length = _spin(2, 1_000_000, "Tokens per example; longer examples are cut (see the data panel)")
+        self.max_length = _spin(2, 1_000_000, field_help(DataSpec, "max_length"))  # DataSpec's field
         self.gradient_checkpointing = QCheckBox("on")
         self.gradient_checkpointing.setToolTip(_tip("gradient_checkpointing"))
         self.seed = _spin(0, 2**31 - 1, _tip("seed"))
 
+        length = QWidget()  # steps or epochs, the unit, and what that is in the other unit
+        length_row = QHBoxLayout(length)
+        length_row.setContentsMargins(0, 0, 0, 0)
+        for widget in (self.max_steps, self.epochs, self.length_unit, self.length_hint):
+            length_row.addWidget(widget)
         grid = QGridLayout(self)  # label/field pairs, PAIRS_PER_ROW to a row: short, so the plots keep the height
         grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(QLabel("Train for"), 0, 0)
+        grid.addWidget(length, 0, 1, 1, 2 * PAIRS_PER_ROW - 1)
+        for widget in (self.max_steps, self.epochs, self.length_unit):
+            widget.setMaximumWidth(FIELD_WIDTH)
         for i, (label, widget) in enumerate((
-            ("Learning rate", self.learning_rate), ("Max steps", self.max_steps), ("Batch size", self.batch_size),
+            ("Learning rate", self.learning_rate), ("Batch size", self.batch_size),
             ("Grad accumulation", self.gradient_accumulation), ("Warmup share", self.warmup),
             ("Schedule", self.schedule), ("Max length", self.max_length), ("Evaluate every", self.eval_every),
             ("Scored examples", self.eval_examples), ("Save every", self.save_every),
@@ -100,6 +132,7 @@ class TrainingForm(QWidget):
             ("Seed", self.seed),
         )):
             row, pair = divmod(i, PAIRS_PER_ROW)
+            row += 1  # under the run's length
             widget.setMaximumWidth(FIELD_WIDTH)
             grid.addWidget(QLabel(label), row, 2 * pair)
             grid.addWidget(widget, row, 2 * pair + 1)
@@ -112,12 +145,48 @@ class TrainingForm(QWidget):
             spin.valueChanged.connect(self.sig_changed)
         self.schedule.currentIndexChanged.connect(self.sig_changed)
         self.gradient_checkpointing.toggled.connect(self.sig_changed)
+        self.epochs.valueChanged.connect(self.sig_changed)
+        self.length_unit.currentIndexChanged.connect(self.sig_changed)
+        for widget in (self.epochs, self.length_unit, self.batch_size, self.gradient_accumulation, self.max_steps):
+            signal = widget.currentIndexChanged if widget is self.length_unit else widget.valueChanged
+            signal.connect(self._update_length)
+        self._update_length()
+
+    def in_epochs(self) -> bool:
+        return self.length_unit.currentData() == "epochs"
+
+    def set_train_examples(self, count: int | None) -> None:
+        """How many training examples the data makes (after packing; None: not known): the steps an epoch is."""
+        self._train_examples = count
+        self._update_length()
+
+    def _update_length(self) -> None:
+        """Show the spin of the chosen unit; say what it means in the other one; in epochs, max_steps follows."""
+        epochs = self.in_epochs()
+        self.max_steps.setVisible(not epochs)
+        self.epochs.setVisible(epochs)
+        count = self._train_examples
+        if not count:
+            self.length_hint.setText("")
+            return
+        batch, accumulation = self.batch_size.value(), self.gradient_accumulation.value()
+        if epochs:
+            steps = steps_for_epochs(self.epochs.value(), count, batch, accumulation)
+            if self.max_steps.value() != steps:
+                self.max_steps.setValue(steps)  # the progress bar and plots show the run's length in steps
+            self.length_hint.setText(f"= {steps:,} steps")
+        else:
+            share = self.max_steps.value() / steps_per_epoch(count, batch, accumulation)
+            self.length_hint.setText(f"≈ {share:,.3g} epochs")
 
     def training_config(self, base: TrainingConfig | None = None) -> TrainingConfig:
         """The form's values over `base` (fields the form does not show keep base's values)."""
         values = {f.name: getattr(base or FORM_DEFAULTS, f.name) for f in fields(TrainingConfig)}
+        epochs = self.in_epochs()
         values.update(
-            learning_rate=float(self.learning_rate.value()), max_steps=self.max_steps.value(),
+            max_steps=None if epochs else self.max_steps.value(), epochs=self.epochs.value() if epochs else None,
+            eval_every_epochs=None, save_every_epochs=None,  # the form gives both schedules in steps
+            learning_rate=float(self.learning_rate.value()),
             batch_size=self.batch_size.value(), gradient_accumulation=self.gradient_accumulation.value(),
             warmup_ratio=round(float(self.warmup.value()), 4), schedule=self.schedule.currentText(),
             eval_every=self.eval_every.value(), eval_examples=self.eval_examples.value(),
@@ -128,14 +197,18 @@ class TrainingForm(QWidget):
 
     def set_training_config(self, config: TrainingConfig) -> None:
         self.learning_rate.setValue(config.learning_rate)
-        self.max_steps.setValue(config.max_steps)
+        self.length_unit.setCurrentIndex(self.length_unit.findData("steps" if config.epochs is None else "epochs"))
+        if config.epochs is not None:
+            self.epochs.setValue(config.epochs)
+        if config.max_steps is not None:
+            self.max_steps.setValue(config.max_steps)
         self.batch_size.setValue(config.batch_size)
         self.gradient_accumulation.setValue(config.gradient_accumulation)
         self.warmup.setValue(config.warmup_ratio)
         self.schedule.setCurrentText(config.schedule)
-        self.eval_every.setValue(config.eval_every)
+        self.eval_every.setValue(config.eval_every or 0)
         self.eval_examples.setValue(config.eval_examples)
-        self.save_every.setValue(config.save_every)
+        self.save_every.setValue(config.save_every or 0)
         self.spectrum_every.setValue(config.spectrum_every)
         self.gradient_checkpointing.setChecked(config.gradient_checkpointing)
         self.seed.setValue(config.seed)

@@ -37,6 +37,14 @@ def test_example_run_file_loads_with_paths_relative_to_it(tmp_path):
         ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {max_steps: 0}\n", "at least 1"),
         ("plan: {rank: 8}\ndata: {train_path: x}\n", "plan.targets is missing"),
         ("plan: {targets: q_proj}\n", "data.train_path is missing"),
+        ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {max_steps: 30, epochs: 2}\n",
+         "give max_steps or epochs, not both"),
+        ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {max_steps: null}\n",
+         "give max_steps .optimizer steps. or epochs"),
+        ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {epochs: 0}\n", "epochs must be above 0"),
+        ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {epochs: many}\n", "epochs must be a number"),
+        ("plan: {targets: q_proj}\ndata: {train_path: x}\ntraining: {eval_every: 5, eval_every_epochs: 1}\n",
+         "give eval_every or eval_every_epochs, not both"),
         ("plan: {targets: [q_proj\n", "not valid YAML at line"),
         ("- just\n- a list\n", "must be a mapping"),
     ],
@@ -98,3 +106,15 @@ def test_the_example_takes_the_data_fields_defaults_and_help_where_they_carry_it
     assert _commented(text, "data") == {"train_path": "The training file",
                                         "max_length": "Tokens per example; longer examples are cut",
                                         "columns": "", "packing": ""}
+def test_a_run_in_epochs_leaves_its_step_twins_out_and_old_files_keep_their_steps(tmp_path):
+    base = "plan: {targets: q_proj}\ndata: {train_path: x}\n"
+    old = runconfig.load(write(tmp_path, base))
+    assert (old.training.max_steps, old.training.epochs, old.training.eval_every) == (100, None, 25)
+    text = base + "training: {epochs: 3, eval_every_epochs: 0.5, save_every_epochs: 1}\n"
+    config = runconfig.load(write(tmp_path, text))
+    t = config.training
+    assert (t.max_steps, t.epochs, t.eval_every, t.eval_every_epochs, t.save_every, t.save_every_epochs) == (
+        None, 3.0, None, 0.5, None, 1.0)
+    again = tmp_path / "again.yaml"
+    runconfig.save(config, again)
+    assert runconfig.load(again) == config

@@ -1,5 +1,6 @@
-"""The data panel on real files and the real tokenizer: the demo preselected, bad rows with their row numbers, the
-preview's loss highlighting against the core's preview, the length histogram and its max-length line."""
+"""The data panel on real files and the real tokenizer: the demo preselected, bad rows with their row numbers (a
+list model, however many), the preview's loss highlighting against the core's preview, the length histogram and its
+max-length line, long rows as windows or cut prompts, epochs in steps, and a hub dataset id in the Open dialog."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QImage
 
 from studio.core.data.dataset import DEMO_DIR, demo_spec, prepare, preview
 from studio.ui.data_panel import LOSS_COLOURS, SIDE_BY_SIDE_WIDTH, STACKED_PREVIEW_HEIGHT
+from tests.core.data.test_hub import hub_cache
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import collect_dead_windows, wait_until
 
@@ -23,6 +25,12 @@ def settled(panel) -> bool:
     analysis = panel.analysis
     return (analysis is not None and not panel.jobs.is_busy() and not panel._refresh_timer.isActive()
             and analysis.spec == panel.spec() and (analysis.prepared is not None or analysis.error is not None))
+
+
+def shown_bad_rows(panel) -> list[str]:
+    """The bad-row list's lines, as its view shows them."""
+    model = panel.bad_rows_list.model()
+    return [model.index(i).data() for i in range(model.rowCount())]
 
 
 def highlighted_text(panel) -> list[str]:
@@ -50,7 +58,7 @@ def test_a_new_window_starts_on_the_built_in_demo_ready_to_train(window):
     assert panel.spec() == expected
     prepared = panel.analysis.prepared
     assert (len(prepared.train), len(prepared.val)) == (300, 60) and not prepared.bad_rows
-    assert panel.bad_rows_label.text() == "No bad rows" and panel.bad_rows_list.count() == 0
+    assert panel.bad_rows_label.text() == "No bad rows" and shown_bad_rows(panel) == []
     assert window.train_panel.start_button.isEnabled()
     assert "auto (prompt)" in [panel.columns.combos["prompt"].itemText(i) for i in range(3)]
 
@@ -66,8 +74,7 @@ def test_a_csv_with_missing_values_lists_its_bad_rows_with_their_row_numbers(win
     core = prepare(panel.spec(), default_tokenizer)
     assert [(b.row, b.reason) for b in core.bad_rows] == [(3, "has 1 fields, the header has 2"),
                                                           (4, "'response' is empty")]
-    shown = [panel.bad_rows_list.item(i).text() for i in range(panel.bad_rows_list.count())]
-    assert shown == ["questions.csv, row 3: has 1 fields, the header has 2",
+    assert shown_bad_rows(panel) == ["questions.csv, row 3: has 1 fields, the header has 2",
                      "questions.csv, row 4: 'response' is empty"]
     assert panel.bad_rows_label.text() == "2 bad rows (left out of training)"
     assert "<b>2</b> training" in panel.summary_label.text()
@@ -101,10 +108,14 @@ def test_the_histogram_counts_every_training_example_and_marks_the_max_length(wi
     wait_until(lambda: settled(panel) and panel.analysis.spec.max_length == 64, 60, "the re-analysis at 64 tokens")
     stats = panel.analysis.prepared.stats
     heights = panel.histogram.bars.opts["height"]
-    assert int(np.sum(heights)) == stats.count == 300
+    over = panel.histogram.over_bars.opts["height"]
+    assert int(np.sum(heights)) + int(np.sum(over)) == stats.count == 300
     assert panel.histogram.max_line.value() == 64 and window.adapter_panel.seq_spin.value() == 64
     cut = int(np.sum(np.asarray(stats.lengths) > 64))
-    assert stats.truncated == cut > 0 and f"<b>{cut}</b> cut at the maximum length 64" in panel.summary_label.text()
+    assert stats.truncated == cut == int(np.sum(over)) > 0  # the rows over the line are drawn apart
+    assert (f"<b>{cut}</b> longer than the maximum length 64: left out (listed with the bad rows)"
+            in panel.summary_label.text())  # instruction rows: dropped by default, and said so
+    assert panel.histogram.max_line.label.format == f"max length 64: {cut} longer, left out"
 
 
 def test_a_validation_fraction_holds_out_that_share(window):
@@ -145,3 +156,95 @@ def test_a_narrow_data_tab_stacks_the_preview_under_the_settings_instead_of_cutt
     window.adapter_dock.hide()
     qtbot.waitUntil(lambda: panel.split.orientation() == Qt.Horizontal)
     assert not scroll.horizontalScrollBar().isVisible() and panel.width() >= SIDE_BY_SIDE_WIDTH
+
+
+def test_a_long_text_document_is_summarised_as_its_windows(window, tmp_path, default_tokenizer):
+    text = " ".join(["river stone cloud window lantern meadow"] * 120)
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    panel = window.data_panel
+    window.show_panel(panel)
+    window.train_panel.form.max_length.setValue(64)
+    panel.open_file(path)
+    wait_until(lambda: settled(panel) and panel.analysis.spec.train_path == str(path), 60, "the book to be read")
+    prepared = panel.analysis.prepared
+    tokens = len(default_tokenizer(text)["input_ids"]) + 1
+    windows = -(-tokens // 64)
+    assert prepared.examples == len(prepared.train) == windows > 1
+    assert (f"<b>1</b> document → <b>{windows}</b> training windows, <b>{tokens:,}</b> tokens"
+            in panel.summary_label.text())
+    assert panel.overflow.combo.currentText() == "auto: split into windows" and panel.overflow.stride_spin.isVisible()
+    assert panel.histogram.max_line.label.format == "max length 64: 1 longer, split into windows"
+    assert f"→ {windows} windows" in panel.row_label.text()
+
+
+def test_choosing_to_cut_prompts_keeps_long_rows_and_says_how_many(window, tmp_path):
+    rows = [{"prompt": "Short question?", "response": "Yes."},
+            {"prompt": "Summarise: " + "lantern meadow " * 120, "response": "Lights in a field."}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panel = window.data_panel
+    window.show_panel(panel)
+    window.train_panel.form.max_length.setValue(96)
+    panel.open_file(path)
+    wait_until(lambda: settled(panel) and panel.analysis.spec.train_path == str(path), 60, "the file to be read")
+    assert len(panel.analysis.prepared.train) == 1
+    summary = panel.summary_label.text()
+    assert "<b>1</b> longer than the maximum length 96: left out (listed with the bad rows)" in summary
+    assert [line.split(": ")[0] for line in shown_bad_rows(panel)] == ["long.jsonl, row 2"]
+    assert [panel.overflow.combo.itemData(i) for i in range(panel.overflow.combo.count())] == [
+        "auto", "drop", "truncate_left"] and not panel.overflow.stride_spin.isVisible()
+    panel.overflow.combo.setCurrentIndex(panel.overflow.combo.findData("truncate_left"))
+    wait_until(lambda: settled(panel) and panel.analysis.spec.overflow == "truncate_left", 60, "the re-analysis")
+    prepared = panel.analysis.prepared
+    assert len(prepared.train) == 2 and not prepared.bad_rows and panel.bad_rows_label.text() == "No bad rows"
+    assert "<b>1</b> longer than the maximum length 96: prompts cut from the left" in panel.summary_label.text()
+
+
+def test_thousands_of_bad_rows_are_a_model_the_list_view_reads_not_items(window, tmp_path):
+    lines = ['{"prompt": "fine", "response": "ok"}'] + ['{"prompt": "no answer"}'] * 5000
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    panel = window.data_panel
+    window.show_panel(panel)
+    panel.open_file(path)
+    wait_until(lambda: settled(panel) and panel.analysis.spec.train_path == str(path), 60, "the file to be read")
+    model = panel.bad_rows_list.model()
+    assert model is panel.bad_rows and model.rowCount() == 5000 == len(panel.analysis.prepared.bad_rows)
+    assert panel.bad_rows_label.text() == "5,000 bad rows (left out of training)"
+    assert model.index(4999).data() == "bad.jsonl, row 5001: no 'response' value"
+    assert model.index(0).data(Qt.ToolTipRole) == f"{path}, row 2: no 'response' value"
+
+
+def test_the_summary_says_how_many_steps_an_epoch_is_at_the_batch_size(window):
+    panel = window.data_panel
+    window.show_panel(panel)
+    wait_until(lambda: settled(panel), 60, "the demo to be analysed")
+    panel.set_batch(16, 2)
+    assert "One epoch: <b>9</b> optimizer steps at batch 16 × 2 accumulated" in panel.summary_label.text()  # 300 rows
+    panel.set_batch(7)
+    assert "One epoch: <b>42</b> optimizer steps at batch 7." in panel.summary_label.text()
+
+
+@pytest.mark.usefixtures(hub_cache.__name__)
+def test_the_open_dialog_takes_a_hub_dataset_id(window):
+    from PySide6.QtWidgets import QApplication, QFileDialog, QLineEdit
+
+    panel = window.data_panel
+    window.show_panel(panel)
+
+    def type_id() -> None:
+        dialog = next((w for w in QApplication.topLevelWidgets() if isinstance(w, QFileDialog) and w.isVisible()),
+                      None)
+        if dialog is None:
+            QTimer.singleShot(50, type_id)  # not shown yet
+            return
+        dialog.findChild(QLineEdit, "fileNameEdit").setText("someone/sums@train")
+        dialog.accept()
+
+    QTimer.singleShot(50, type_id)
+    panel.choose_file()
+    assert panel.path_edit.text() == "someone/sums@train"
+    wait_until(lambda: settled(panel) and panel.analysis.spec.train_path == "someone/sums@train", 60, "the hub data")
+    assert panel.analysis.prepared.format == "instruction" and len(panel.analysis.prepared.train) == 6
+    assert panel.row_label.text().startswith("someone/sums@train, line 1 · instruction")

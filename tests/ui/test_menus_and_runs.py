@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PySide6.QtCore import QCoreApplication, QEvent, QObject, QSettings, Qt, QUrl, Slot
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QSettings, Qt, QTimer, QUrl, Slot
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QFileDialog, QMessageBox
+from PySide6.QtWidgets import QApplication, QFileDialog, QLineEdit, QMessageBox
 
 from studio.core import events as ev
 from studio.core.runconfig import load
@@ -285,18 +285,33 @@ def test_a_run_without_adapter_or_checkpoint_cannot_be_exported_and_says_why(run
 
 # ---- File ▸ Open dataset…, Save run config… ------------------------------------------------------------------
 
-def test_open_dataset_from_the_menu_shows_the_data_tab_and_joins_the_recent_datasets(runs, monkeypatch, qtbot):
+def choose_in_open_dialog(path: Path, asked: list[str]) -> None:
+    """Once the Open dialog is up: note the folder it starts in, choose `path`, accept."""
+    def choose() -> None:
+        dialog = next((w for w in QApplication.topLevelWidgets() if isinstance(w, QFileDialog) and w.isVisible()),
+                      None)
+        if dialog is None:
+            QTimer.singleShot(50, choose)  # not shown yet
+            return
+        asked.append(dialog.directory().absolutePath())
+        dialog.findChild(QLineEdit, "fileNameEdit").setText(str(path))  # typed, as a person would
+        dialog.accept()
+
+    QTimer.singleShot(50, choose)
+
+
+def test_open_dataset_from_the_menu_shows_the_data_tab_and_joins_the_recent_datasets(runs, qtbot):
     window, data = runs.window, runs.window.data_panel
     (runs.root / "other-data").mkdir()
     other = write_demo_rows(runs.root / "other-data" / "twelve.jsonl", 12)
     asked: list[str] = []
-    monkeypatch.setattr(QFileDialog, "getOpenFileName",
-                        staticmethod(lambda _p, _t, start, *a, **k: asked.append(start) or (str(other), "")))
+    choose_in_open_dialog(other, asked)
     window.file_menu.open_data_action.trigger()
     assert window.current_panel() is data and data.path_edit.text() == str(other)
     qtbot.waitUntil(lambda: window.file_menu.recent_data.entries()[:1] == [str(other)], timeout=30_000)
     assert window.file_menu.recent_data.entries()[1] == str(runs.data_file)  # the runs' data, opened before
     assert window.settings.value("paths/data_folder") == str(other.parent)
+    choose_in_open_dialog(other, asked)
     window.file_menu.open_data_action.trigger()
     assert asked[-1] == str(other.parent)  # the dialog starts where the last dataset was
     data.open_file(runs.data_file)  # back to the runs' data for the tests after this one

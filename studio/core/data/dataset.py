@@ -1,10 +1,14 @@
-"""Datasets in, tokenized training examples out.
+"""Datasets in, tokenized training examples out, as a forward pipeline; each stage works on a whole file's rows:
 
-`prepare(spec, tokenizer)` reads the train (and validation) file, detects or applies the format (see formats.py),
-tokenizes, reports every unusable row as a `BadRow`, splits off validation, computes token-length statistics and
-optionally packs. `collate(examples, pad_token_id)` pads a batch for the model. Files are read by tables.py; rows
-that cannot be read or formatted become `BadRow`s (with tables.py's 1-based row numbers): reported and skipped, or,
-with on_bad_rows="stop", the reason preparation stops.
+read (tables.py: files and hub datasets into rows) -> resolve columns and render (formats.py: text with loss spans)
+-> tokenize (encoding.py, batched) -> fit to max_length, split, pack (examples.py, on numpy arrays) -> cache
+(cache.py: the next `prepare` of the same files, tokenizer and settings reads the result back).
+
+Every row that cannot be read or formatted becomes a `BadRow` (with tables.py's 1-based row numbers): reported and
+skipped, or, with on_bad_rows="stop", the reason preparation stops. Rows longer than max_length follow the spec's
+`overflow` policy (spec.py): text splits into windows (or is cut, or dropped), instruction and chat rows are dropped
+(listed with the bad rows) or lose the start of their prompt, classification rows are cut by the tokenizer. A
+validation fraction holds out whole rows, before any is split into windows.
 
 Packing concatenates consecutive examples (never splitting one) into sequences of at most max_length tokens.
 Each packed example carries `position_ids` that restart at 0 for every original example and `collate` then leaves
@@ -17,99 +21,31 @@ label of every packed example is -100 so that no token is trained to predict the
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
+
+from studio.core.data import cache as store
+from studio.core.data.encoding import ENCODE_BATCH, encode, encode_batches, pieces
+from studio.core.data.examples import IGNORE_INDEX, Example, ExampleTable, pack, window_counts
 from studio.core.data.formats import (
-    FORMATS,
     REQUIRED_ROLES,
     Format,
     Rendered,
-    RowFormatter,
+    Renderer,
     RowProblem,
     detect_format,
     resolve_columns,
 )
-from studio.core.data.tables import Record, Table, TxtMode, read_table
-from studio.core.errors import DataError, did_you_mean
+from studio.core.data.overflow import fit
+from studio.core.data.spec import DataSpec, Overflow, overflow_for
+from studio.core.data.tables import Table, read_table, source_fingerprint
+from studio.core.errors import DataError
 from studio.core.resources import resources_root
 
-FormatChoice = Literal["auto", "text", "instruction", "chat", "classification"]
-BadRowPolicy = Literal["skip", "stop"]
-IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' loss) skips
 DEMO_DIR = resources_root() / "demo"  # the source tree's resources/ or a wheel's share/lora-studio
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What to train on and how to cut it. `columns` maps roles (text, prompt, input, response, messages, label)
-    to column names; roles left out are detected."""
-
-    train_path: str
-    format: FormatChoice = "auto"
-    columns: Mapping[str, str] = field(default_factory=dict)
-    val_path: str | None = None
-    val_fraction: float = 0.0
-    seed: int = 0
-    max_length: int = 512
-    packing: bool = False
-    on_bad_rows: BadRowPolicy = "skip"
-    txt_mode: TxtMode = "file"
-    label_names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not str(self.train_path).strip():
-            raise DataError("no training data given: choose a file")
-        if self.format not in ("auto", *FORMATS):
-            raise DataError(f"unknown data format {self.format!r}{did_you_mean(self.format, FORMATS)} (use auto, "
-                            f"{', '.join(FORMATS)})")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise DataError(f"max_length must be an integer of at least 2, not {self.max_length!r}")
-        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"val_fraction must be at least 0 and below 1, not {self.val_fraction!r}")
-        if self.val_path and self.val_fraction:
-            raise DataError("give either a validation file or a validation fraction, not both")
-        if self.on_bad_rows not in ("skip", "stop"):
-            raise DataError(f"on_bad_rows must be skip or stop, not {self.on_bad_rows!r}")
-        if self.txt_mode not in ("file", "blocks"):
-            raise DataError(f"txt_mode must be file or blocks, not {self.txt_mode!r}")
-        if self.packing and self.format == "classification":
-            raise DataError("packing joins texts for language modelling; turn it off for classification")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["columns"] = dict(self.columns)
-        data["label_names"] = list(self.label_names)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(key) for key in set(data) - known)
-        if unknown:
-            hint = did_you_mean(unknown[0], known) or f" (known: {', '.join(sorted(known))})"
-            raise DataError(f"unknown data setting `{unknown[0]}`{hint}")
-        if "train_path" not in data:
-            raise DataError("the data settings need a train_path")
-        values = dict(data)
-        for key in ("train_path", "val_path"):
-            if values.get(key) is not None and not isinstance(values[key], str):
-                raise DataError(f"data.{key} must be a file or folder path, got {values[key]!r}")
-        if not isinstance(values.get("columns") or {}, Mapping):
-            raise DataError("data columns must map roles to column names, e.g. {response: answer}")
-        values["columns"] = {str(k): str(v) for k, v in (values.get("columns") or {}).items()}
-        names = values.get("label_names") or ()
-        if isinstance(names, str) or not isinstance(names, (list, tuple)):
-            raise DataError(f"data.label_names must be a list of class names, got {names!r}")
-        values["label_names"] = tuple(str(n) for n in names)
-        if not isinstance(values.get("packing", False), bool):
-            raise DataError(f"data.packing must be true or false, got {values['packing']!r}")
-        try:
-            values["val_fraction"] = float(values.get("val_fraction") or 0.0)
-            values["seed"] = int(values.get("seed", 0))
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"val_fraction and seed must be numbers: {exc}") from exc
-        return cls(**values)
+PREVIEW_TOKENS = 4096  # a preview shows at most this many tokens (a whole book would freeze the text view)
 
 
 @dataclass(frozen=True)
@@ -124,25 +60,9 @@ class BadRow:
         return f"{self.file}, row {self.row}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class Example:
-    """A tokenized training example. `labels` holds -100 where a token carries no loss (empty for
-    classification, whose target is `class_id`). `full_length` counts the tokens before truncation."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-    full_length: int
-    class_id: int | None = None
-    position_ids: tuple[int, ...] | None = None  # only on packed examples
-
-    @property
-    def truncated(self) -> bool:
-        return self.full_length > len(self.input_ids)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LengthStats:
-    """Token lengths before truncation; `truncated` counts those over `max_length`."""
+    """Token lengths of the rows before they were cut or split; `truncated` counts those over `max_length`."""
 
     count: int
     min: int
@@ -152,38 +72,41 @@ class LengthStats:
     max: int
     truncated: int
     max_length: int
-    lengths: tuple[int, ...]
+    lengths: np.ndarray
 
     @classmethod
-    def of(cls, lengths: Sequence[int], max_length: int) -> LengthStats:
-        import numpy as np
-
-        if not lengths:
-            return cls(0, 0, 0.0, 0.0, 0.0, 0, 0, max_length, ())
-        values = np.asarray(lengths)
+    def of(cls, lengths: Sequence[int] | np.ndarray, max_length: int) -> LengthStats:
+        values = np.asarray(lengths, dtype=np.int64)
+        if not len(values):
+            return cls(0, 0, 0.0, 0.0, 0.0, 0, 0, max_length, values)
         return cls(
-            count=len(lengths), min=int(values.min()), mean=float(values.mean()), median=float(np.median(values)),
+            count=len(values), min=int(values.min()), mean=float(values.mean()), median=float(np.median(values)),
             p95=float(np.percentile(values, 95)), max=int(values.max()),
-            truncated=int((values > max_length).sum()), max_length=max_length, lengths=tuple(int(v) for v in lengths),
+            truncated=int((values > max_length).sum()), max_length=max_length, lengths=values,
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedData:
-    train: tuple[Example, ...]  # packed when the spec asks for packing
-    val: tuple[Example, ...]  # never packed, so that each can be scored on its own
+    train: ExampleTable  # packed when the spec asks for packing
+    val: ExampleTable  # never packed, so that each can be scored on its own
     format: Format
     columns: Mapping[str, str]
     label_names: tuple[str, ...]  # classification only: class id -> name
     bad_rows: tuple[BadRow, ...]
-    stats: LengthStats  # training examples, before packing
+    stats: LengthStats  # training rows, before they were cut or split
     val_stats: LengthStats
+    overflow: Overflow  # what became of rows longer than max_length (auto resolved)
+    examples: int  # training examples before packing: the rows, or their windows
+    dropped: int  # rows left out for their length (they are among the bad rows)
+    from_cache: bool = False
 
 
 @dataclass(frozen=True)
 class Preview:
     """One row as the model will see it: the rendered text and (token text, carries loss) for the tokens that
-    train (after truncation). `problem` is set, and `tokens` empty, when the row is a bad row."""
+    train (the first PREVIEW_TOKENS of them). `length` counts the row's tokens, `kept` those that train after a
+    cut, `windows` the examples a long text becomes. `problem` is set, and `tokens` empty, for a bad row."""
 
     file: str
     row: int
@@ -194,6 +117,30 @@ class Preview:
     truncated: bool
     label: str | None = None
     problem: str | None = None
+    kept: int = 0
+    windows: int = 1
+
+
+@dataclass
+class _Rows:
+    """One file's usable rows in file order: where each came from (file, row), their rendering (kept only where
+    a later stage reads it: classification labels and cuts) and tokens, and the file's bad rows so far."""
+
+    where: list[tuple[str, int]]
+    rendered: list[Rendered]
+    bad: list[BadRow] = field(default_factory=list)
+    table: ExampleTable | None = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        assert self.table is not None
+        return self.table.lengths
+
+    def take(self, indices: Sequence[int]) -> _Rows:
+        assert self.table is not None
+        rendered = [self.rendered[i] for i in indices] if self.rendered else []
+        return _Rows([self.where[i] for i in indices], rendered, [],
+                     self.table.take(np.asarray(indices, dtype=np.int64)))
 
 
 def demo_spec() -> DataSpec:
@@ -205,50 +152,81 @@ def demo_spec() -> DataSpec:
 
 
 # -- preparing ---------------------------------------------------------------------------------------------------------
-def prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
-    """Read, validate, format, tokenize, split and pack. Raises DataError for unreadable files, missing columns,
-    bad rows under on_bad_rows='stop', or when no row is usable."""
+def prepare(spec: DataSpec, tokenizer: Any, *, use_cache: bool = True) -> PreparedData:
+    """Read, validate, format, tokenize, fit, split and pack, or read all that back from the cache. Raises
+    DataError for unreadable files, missing columns, bad rows under on_bad_rows='stop', or when no row is usable."""
+    key = None
+    if use_cache:
+        key = store.cache_key({
+            "spec": spec.to_dict(), "tokenizer": store.tokenizer_fingerprint(tokenizer),
+            "train": source_fingerprint(spec.train_path, spec.txt_mode),
+            "val": source_fingerprint(spec.val_path, spec.txt_mode) if spec.val_path else None,
+        })
+        entry = store.read(key)
+        if entry is not None:
+            return _from_cache(*entry)
+    prepared = _prepare(spec, tokenizer)
+    if key is not None:
+        store.write(key, *_to_cache(prepared))
+    return prepared
+
+
+def _prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
     tables = [read_table(spec.train_path, spec.txt_mode)]
     if spec.val_path:
         tables.append(read_table(spec.val_path, spec.txt_mode))
     fmt: Format = detect_format(tables[0].columns, spec.columns) if spec.format == "auto" else spec.format
     if spec.packing and fmt == "classification":
         raise DataError("packing joins texts for language modelling; turn it off for classification")
+    overflow = _overflow(spec, fmt)
     columns = _columns(tables[0], fmt, spec.columns)
     for table in tables[1:]:  # the validation file needs the required columns; optional ones may be absent
         _columns(table, fmt, {role: columns[role] for role in REQUIRED_ROLES[fmt]})
-    formatter = RowFormatter(tokenizer, fmt, columns)
+    renderer = Renderer(tokenizer, fmt, columns)
 
-    rendered: list[list[tuple[Record, Rendered]]] = []
-    bad: list[list[BadRow]] = []
-    for table in tables:
-        good, problems = _render(formatter, table.records)
-        rendered.append(good)
-        bad.append(problems)
-    label_names = class_names(spec.label_names, [r.label for part in rendered for _, r in part]) if (
-        fmt == "classification") else ()
-    parts: list[list[Example]] = []
-    for part, problems in zip(rendered, bad):
-        examples = []
-        for record, item in part:
-            try:
-                examples.append(_example(formatter, item, spec.max_length, label_names))
-            except RowProblem as exc:
-                problems.append(BadRow(record.file, record.row, str(exc)))
-        parts.append(examples)
-    bad_rows = tuple(b for problems in bad for b in sorted(problems, key=lambda b: (b.file, b.row)))
-    if bad_rows and spec.on_bad_rows == "stop":
-        raise DataError(f"{bad_rows[0]} ({len(bad_rows)} bad row(s) in all: fix them, or choose to skip bad rows)")
-    train, val = parts[0], parts[1] if len(parts) > 1 else []
-    if not train:
-        raise DataError(f"{tables[0].path} has no usable rows ({len(bad[0])} bad): see the bad rows")
+    parts = [_render_and_encode(renderer, table, tokenizer) for table in tables]
+    train_path = tables[0].path
+    del tables  # the raw rows: tokens and row numbers are all that is left to need
+    if fmt == "classification":
+        label_names = class_names(spec.label_names, [r.label for p in parts for r in p.rendered])
+        parts = [_with_class_ids(part, label_names) for part in parts]
+    else:
+        label_names = ()
+    problems = [b for part in parts for b in sorted(part.bad, key=_where)]
+    if problems and spec.on_bad_rows == "stop":
+        raise DataError(f"{problems[0]} ({len(problems)} bad row(s) in all: fix them, or choose to skip bad rows)")
+    train, val = parts[0], parts[1] if len(parts) > 1 else None
+    if not train.where:
+        raise DataError(f"{train_path} has no usable rows ({len(train.bad)} bad): see the bad rows")
     if spec.val_fraction:
         train, val = _split(train, spec.val_fraction, spec.seed)
-    stats = LengthStats.of([e.full_length for e in train], spec.max_length)
-    val_stats = LengthStats.of([e.full_length for e in val], spec.max_length)
+    stats = LengthStats.of(train.lengths, spec.max_length)
+    val_stats = LengthStats.of(val.lengths if val else [], spec.max_length)
+    train_table, train_dropped = _fit(train, overflow, spec, tokenizer)
+    val_table, val_dropped = _fit(val, overflow, spec, tokenizer) if val else (ExampleTable.of([]), [])
+    if not len(train_table):
+        where = f"{train_path} (max_length={spec.max_length}, overflow: {overflow})"
+        raise DataError(f"{where} has no usable rows ({len(train.bad) + len(train_dropped)} bad): see the bad rows")
+    examples = len(train_table)
     if spec.packing:
-        train = pack(train, spec.max_length)
-    return PreparedData(tuple(train), tuple(val), fmt, columns, label_names, bad_rows, stats, val_stats)
+        train_table = pack(train_table, spec.max_length)
+    # the training file's bad rows (held-out ones too), then the validation file's, each in file order
+    from_train = [*train.bad, *train_dropped, *(val_dropped if spec.val_fraction else [])]
+    from_val = [*val.bad, *val_dropped] if val is not None and not spec.val_fraction else []
+    bad_rows = tuple(sorted(from_train, key=_where) + sorted(from_val, key=_where))
+    return PreparedData(train_table.compact(), val_table.compact(), fmt, columns, label_names, bad_rows, stats,
+                        val_stats, overflow, examples, len(train_dropped) + len(val_dropped))
+
+
+def _where(bad: BadRow) -> tuple[str, int]:
+    return bad.file, bad.row
+
+
+def _overflow(spec: DataSpec, fmt: Format) -> Overflow:
+    overflow = overflow_for(fmt, spec.overflow)
+    if spec.stride and overflow != "window":
+        raise DataError(f"stride is the overlap of windows, and {fmt} rows are not split into windows: set it to 0")
+    return overflow
 
 
 def _columns(table: Table, fmt: Format, mapping: Mapping[str, str]) -> dict[str, str]:
@@ -258,16 +236,49 @@ def _columns(table: Table, fmt: Format, mapping: Mapping[str, str]) -> dict[str,
         raise DataError(f"{table.path}: {exc}") from exc
 
 
-def _render(formatter: RowFormatter, records: Sequence[Record]) -> tuple[list[tuple[Record, Rendered]], list[BadRow]]:
-    good, bad = [], []
-    for record in records:
+def _render_and_encode(renderer: Renderer, table: Table, tokenizer: Any) -> _Rows:
+    """The table's usable rows rendered and tokenized (in batches, each tokenized while the next is rendered), and
+    its bad rows. Only classification keeps the rendered text (its labels and cuts need it): a text once tokenized
+    is not held twice."""
+    rows = _Rows([], [])
+    keep_text = renderer.fmt == "classification"
+
+    def rendered_batches() -> Iterator[list[Rendered]]:
+        for first in range(0, len(table.records), ENCODE_BATCH):
+            records = table.records[first:first + ENCODE_BATCH]
+            results = iter(renderer.render_rows([r.values for r in records if r.values is not None]))
+            batch = []
+            for record in records:
+                result = next(results) if record.values is not None else RowProblem(record.problem or "unreadable")
+                if isinstance(result, RowProblem):
+                    rows.bad.append(BadRow(record.file, record.row, str(result)))
+                else:
+                    rows.where.append((record.file, record.row))
+                    batch.append(result)
+            if keep_text:
+                rows.rendered.extend(batch)
+            yield batch
+
+    rows.table = encode_batches(tokenizer, rendered_batches(), with_loss=renderer.fmt != "classification")
+    return rows
+
+
+def _with_class_ids(rows: _Rows, label_names: tuple[str, ...]) -> _Rows:
+    """Classification rows with their class ids; an unknown label makes a bad row."""
+    ids: list[int] = []
+    keep: list[int] = []
+    for i, ((file, row), item) in enumerate(zip(rows.where, rows.rendered)):
         try:
-            if record.values is None:
-                raise RowProblem(record.problem or "unreadable")
-            good.append((record, formatter.render(record.values)))
+            ids.append(_class_id(item.label, label_names))
+            keep.append(i)
         except RowProblem as exc:
-            bad.append(BadRow(record.file, record.row, str(exc)))
-    return good, bad
+            rows.bad.append(BadRow(file, row, str(exc)))
+    kept = rows.take(keep)
+    kept.bad = rows.bad
+    table = kept.table
+    assert table is not None
+    kept.table = ExampleTable(table.ids, table.loss, table.starts, class_ids=np.asarray(ids, dtype=np.int64))
+    return kept
 
 
 def class_names(given: tuple[str, ...], labels: Sequence[str | int]) -> tuple[str, ...]:
@@ -290,48 +301,57 @@ def _class_id(label: str | int, names: tuple[str, ...]) -> int:
     return names.index(label)
 
 
-def _example(formatter: RowFormatter, rendered: Rendered, max_length: int, label_names: tuple[str, ...]) -> Example:
-    tokens, full_length = formatter.tokenize(rendered, max_length)
-    if formatter.fmt == "classification":
-        return Example(tokens.ids, (), full_length, class_id=_class_id(rendered.label, label_names))
-    labels = tuple(t if loss else IGNORE_INDEX for t, loss in zip(tokens.ids, tokens.loss))
-    return Example(tokens.ids, labels, full_length)
-
-
-def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out round(n·fraction) examples (at least one), chosen by `seed`; both parts keep file order."""
-    n_val = max(1, round(len(examples) * fraction))
-    if n_val >= len(examples):
-        raise DataError(f"holding out {fraction:.0%} of {len(examples)} rows leaves none to train on")
-    order = list(range(len(examples)))
+def _split(rows: _Rows, fraction: float, seed: int) -> tuple[_Rows, _Rows]:
+    """Hold out round(n·fraction) rows (at least one), chosen by `seed`; both parts keep file order."""
+    n = len(rows.where)
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise DataError(f"holding out {fraction:.0%} of {n} rows leaves none to train on")
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:n_val])
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+    train = rows.take([i for i in range(n) if i not in held])
+    train.bad = rows.bad
+    return train, rows.take(sorted(held))
 
 
-def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
-    """Join consecutive examples into sequences of at most `max_length` tokens (see the module docstring)."""
-    packs: list[Example] = []
-    group: list[Example] = []
-
-    def close() -> None:
-        packs.append(Example(
-            input_ids=tuple(t for e in group for t in e.input_ids),
-            labels=tuple(label for e in group for label in (IGNORE_INDEX, *e.labels[1:])),
-            full_length=sum(e.full_length for e in group),
-            position_ids=tuple(p for e in group for p in range(len(e.input_ids))),
-        ))
-
-    for example in examples:
-        if group and sum(len(e.input_ids) for e in group) + len(example.input_ids) > max_length:
-            close()
-            group = []
-        group.append(example)
-    if group:
-        close()
-    return packs
+def _fit(rows: _Rows, overflow: Overflow, spec: DataSpec, tokenizer: Any) -> tuple[ExampleTable, list[BadRow]]:
+    """The rows as examples of at most max_length tokens under `overflow`, and the rows that policy leaves out."""
+    assert rows.table is not None
+    table, left_out = fit(rows.table, overflow, spec.max_length, spec.stride, tokenizer, rows.rendered)
+    return table, [BadRow(*rows.where[i], reason) for i, reason in left_out.items()]
 
 
+# -- the cache's view of prepared data ---------------------------------------------------------------------------------
+TABLE_ARRAYS = ("ids", "loss", "starts", "full_lengths", "class_ids", "piece_starts")
+
+
+def _to_cache(prepared: PreparedData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays = {"train_lengths": prepared.stats.lengths, "val_lengths": prepared.val_stats.lengths}
+    for name, table in (("train", prepared.train), ("val", prepared.val)):
+        for array in TABLE_ARRAYS:
+            value = getattr(table, array)
+            if value is not None:
+                arrays[f"{name}_{array}"] = value
+    header = {
+        "format": prepared.format, "columns": dict(prepared.columns), "label_names": list(prepared.label_names),
+        "bad_rows": [[b.file, b.row, b.reason] for b in prepared.bad_rows], "max_length": prepared.stats.max_length,
+        "overflow": prepared.overflow, "examples": prepared.examples, "dropped": prepared.dropped,
+    }
+    return arrays, header
+
+
+def _from_cache(arrays: dict[str, np.ndarray], header: dict[str, Any]) -> PreparedData:
+    tables = {name: ExampleTable(*(arrays.get(f"{name}_{a}") for a in TABLE_ARRAYS)) for name in ("train", "val")}
+    return PreparedData(
+        tables["train"], tables["val"], header["format"], header["columns"], tuple(header["label_names"]),
+        tuple(BadRow(*b) for b in header["bad_rows"]), LengthStats.of(arrays["train_lengths"], header["max_length"]),
+        LengthStats.of(arrays["val_lengths"], header["max_length"]), header["overflow"], header["examples"],
+        header["dropped"], from_cache=True,
+    )
+
+
+# -- one row, for the window -------------------------------------------------------------------------------------------
 def preview(spec: DataSpec, tokenizer: Any, index: int, table: Table | None = None) -> Preview:
     """Row `index` (0-based, counting bad rows too) of the training file as it will train. Pass a `table` from
     `read_table` to avoid re-reading the file on every call."""
@@ -340,21 +360,42 @@ def preview(spec: DataSpec, tokenizer: Any, index: int, table: Table | None = No
         raise DataError(f"row index {index} is out of range: the file has {len(table.records)} rows")
     record = table.records[index]
     fmt: Format = detect_format(table.columns, spec.columns) if spec.format == "auto" else spec.format
-    formatter = RowFormatter(tokenizer, fmt, _columns(table, fmt, spec.columns))
+    overflow = _overflow(spec, fmt)
+    renderer = Renderer(tokenizer, fmt, _columns(table, fmt, spec.columns))
     text = ""
     try:
         if record.values is None:
             raise RowProblem(record.problem or "unreadable")
-        rendered = formatter.render(record.values)
-        text = rendered.text
-        tokens, length = formatter.tokenize(rendered, spec.max_length)
+        rendered = renderer.render(record.values)
     except RowProblem as exc:
         return Preview(record.file, record.row, fmt, text, (), 0, False, problem=str(exc))
     label = None if rendered.label is None else str(rendered.label)
-    pairs = tuple(zip(tokens.pieces, tokens.loss))
-    return Preview(record.file, record.row, fmt, text, pairs, length, length > len(tokens.ids), label)
+    rows = _Rows([(record.file, record.row)], [rendered])
+    rows.table = encode(tokenizer, [rendered], with_loss=fmt != "classification")
+    if fmt == "classification":
+        rows.table = ExampleTable(rows.table.ids, rows.table.loss, rows.table.starts, class_ids=np.zeros(1, np.int64))
+    length = rows.table.token_count
+    fitted, dropped = _fit(rows, overflow, spec, tokenizer)
+    if dropped:
+        return Preview(record.file, record.row, fmt, rendered.text, (), length, False, label, dropped[0].reason)
+    shown = pieces(tokenizer, rendered)
+    if overflow == "window" or length <= spec.max_length:
+        flags, count = rows.table.loss, int(window_counts([length], spec.max_length, spec.stride)[0])
+        kept = length
+    else:
+        flags, count, kept = fitted.loss[: fitted.token_count], 1, fitted.token_count
+        if overflow == "truncate_left":
+            shown = shown[length - kept:]
+        elif fmt == "classification":
+            shown = pieces(tokenizer, rendered, truncate_to=spec.max_length)
+        else:
+            shown = shown[:kept]
+    tokens = tuple(zip(shown[:PREVIEW_TOKENS], flags[:PREVIEW_TOKENS].tolist()))
+    return Preview(record.file, record.row, fmt, rendered.text, tokens, length, kept < length, label, kept=kept,
+                   windows=count)
 
 
+# -- batches -----------------------------------------------------------------------------------------------------------
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding and non-loss tokens; class ids for
     classification). Packed examples give position_ids instead of attention_mask: call the model with

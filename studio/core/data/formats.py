@@ -1,4 +1,5 @@
-"""Dataset formats: which columns play which role, and how one row becomes text with loss spans, then tokens.
+"""Dataset formats: which columns play which role, and how a row becomes text with loss spans (encoding.py turns
+that text into tokens).
 
 Four formats:
 - text: causal LM on a document; every token carries loss.
@@ -9,13 +10,16 @@ Four formats:
   the assistant turns only.
 - classification: text + label; the loss is on the class, not on tokens.
 
-Loss spans are character ranges of the rendered text, found by rendering prefixes of the conversation: the assistant
-turn i spans from the end of `render(messages[:i], add_generation_prompt=True)` to the end of
-`render(messages[:i+1])`, trailing whitespace excluded. Templates that render earlier turns differently once later
-turns exist (Qwen3 drops old reasoning) fail that prefix check; then the turn's content is searched for in the full
-text and extended over the closing marker the template puts after it. The whole text is tokenized once and a token
-carries loss when its character offsets overlap a loss span, so training sees exactly the tokens that the template
-produces in one piece.
+Loss spans are character ranges of the rendered text. A conversation is rendered once (rows are rendered in
+batches), then each message's content is found in that text in order, each search starting where the previous
+message ended, so the cost grows with the text and not with the square of the number of turns. An assistant turn
+spans from the end of the generation prompt before it (what `add_generation_prompt` adds, e.g.
+"<|im_start|>assistant\n"; anything the template writes between it and the content, like Qwen3's empty think
+block, trains too) to the end of its content plus the closing marker the template puts after a reply (e.g.
+"<|im_end|>"). Both markers are learnt once per tokenizer from a probe conversation. A candidate position with no
+generation prompt since the previous message is skipped, so a reply that also appears in the user's text is found
+where the assistant says it. The whole text is tokenized once and a token carries loss when its character offsets
+overlap a loss span, so training sees exactly the tokens that the template produces in one piece.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistan
 PLAIN_INSTRUCTION = "### Instruction:\n{prompt}\n\n"
 PLAIN_INPUT = "### Input:\n{input}\n\n"
 PLAIN_RESPONSE = "### Response:\n"
+PROBE_USER, PROBE_REPLY = "Ping from the studio", "Pong from the studio"  # learn a template's markers (Renderer)
+RENDER_BATCH = 1024  # conversations per apply_chat_template call
 
 
 class RowProblem(Exception):
@@ -66,15 +72,6 @@ class Rendered:
     templated: bool
     eos_loss: bool
     label: Any = None
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    """Token ids with, for each, whether it carries loss and the text it stands for (for the preview)."""
-
-    ids: tuple[int, ...]
-    loss: tuple[bool, ...]
-    pieces: tuple[str, ...]
 
 
 def _find_column(columns: Sequence[str], role: str, taken: set[str]) -> str | None:
@@ -132,8 +129,8 @@ def detect_format(columns: Sequence[str], mapping: Mapping[str, str] | None = No
     )
 
 
-class RowFormatter:
-    """Renders and tokenizes rows of one format for one tokenizer."""
+class Renderer:
+    """Renders rows of one format for one tokenizer into text with loss spans."""
 
     def __init__(self, tokenizer: Any, fmt: Format, columns: Mapping[str, str]) -> None:
         self.tokenizer = tokenizer
@@ -146,17 +143,48 @@ class RowFormatter:
                 "use the instruction format or a chat model"
             )
         self.eos_id = tokenizer.eos_token_id
+        self._markers: tuple[str, str] | None = None  # (generation prompt, closing marker), probed once
 
-    # -- rendering ---------------------------------------------------------------------------------------------------
     def render(self, row: Mapping[str, Any]) -> Rendered:
+        """One row as text with loss spans. Raises RowProblem saying why the row cannot be used."""
+        (rendered,) = self.render_rows([row])
+        if isinstance(rendered, RowProblem):
+            raise rendered
+        return rendered
+
+    def render_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Rendered | RowProblem]:
+        """Each row as text with loss spans, or the RowProblem that keeps it out. Templated rows are rendered in
+        batches of RENDER_BATCH conversations."""
+        out: list[Rendered | RowProblem] = []
+        if self.fmt in ("text", "classification") or (self.fmt == "instruction" and not self.has_template):
+            for row in rows:
+                try:
+                    out.append(self._render_plain(row))
+                except RowProblem as exc:
+                    out.append(exc)
+            return out
+        conversations: list[list[dict[str, str]] | RowProblem] = []
+        for row in rows:
+            try:
+                conversations.append(self._instruction_messages(row) if self.fmt == "instruction" else
+                                     self._messages(row))
+            except RowProblem as exc:
+                conversations.append(exc)
+        for first in range(0, len(conversations), RENDER_BATCH):
+            out.extend(self._render_conversations(conversations[first:first + RENDER_BATCH]))
+        return out
+
+    # -- plain rows --------------------------------------------------------------------------------------------------
+    def _render_plain(self, row: Mapping[str, Any]) -> Rendered:
         if self.fmt == "text":
             text = self._text(row, "text")
             return Rendered(text, ((0, len(text)),), templated=False, eos_loss=self.eos_id is not None)
         if self.fmt == "classification":
             return Rendered(self._text(row, "text"), (), templated=False, eos_loss=False, label=self._label(row))
-        if self.fmt == "instruction":
-            return self._render_instruction(row)
-        return self._render_chat(self._messages(row))
+        prompt, extra, response = self._instruction_parts(row)
+        head = plain_instruction_prompt(prompt, extra)
+        return Rendered(head + response, ((len(head), len(head) + len(response)),), templated=False,
+                        eos_loss=self.eos_id is not None)
 
     def _text(self, row: Mapping[str, Any], role: str, required: bool = True) -> str:
         column = self.columns[role]
@@ -182,16 +210,16 @@ class RowFormatter:
             raise RowProblem(f"{column!r} is {value}; integer labels must be 0 or more")
         return value.strip() if isinstance(value, str) else value
 
-    def _render_instruction(self, row: Mapping[str, Any]) -> Rendered:
+    def _instruction_parts(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
         prompt = self._text(row, "prompt")
         extra = self._text(row, "input", required=False) if "input" in self.columns else ""
-        response = self._text(row, "response")
-        if self.has_template:
-            user = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-            return self._render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": response}])
-        head = plain_instruction_prompt(prompt, extra)
-        return Rendered(head + response, ((len(head), len(head) + len(response)),), templated=False,
-                        eos_loss=self.eos_id is not None)
+        return prompt, extra, self._text(row, "response")
+
+    # -- conversations -----------------------------------------------------------------------------------------------
+    def _instruction_messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        prompt, extra, response = self._instruction_parts(row)
+        user = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
     def _messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
         column = self.columns["messages"]
@@ -223,7 +251,7 @@ class RowFormatter:
             raise RowProblem("the conversation has no assistant message to learn from")
         return messages
 
-    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -231,81 +259,86 @@ class RowFormatter:
         except Exception as exc:  # noqa: BLE001 - templates raise jinja errors of their own (e.g. role order)
             raise RowProblem(f"the chat template rejects this conversation: {first_line(exc)}") from exc
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> Rendered:
-        full = self._apply_template(messages, add_generation_prompt=False)
+    def _render_conversations(
+        self, conversations: Sequence[list[dict[str, str]] | RowProblem]
+    ) -> list[Rendered | RowProblem]:
+        good = [c for c in conversations if not isinstance(c, RowProblem)]
+        texts: list[str | RowProblem] = []
+        try:  # one call for the batch; a template error in any conversation sends the batch one by one
+            texts = list(self.tokenizer.apply_chat_template(good, tokenize=False)) if good else []
+        except Exception:  # noqa: BLE001 - see _apply_template; the per-row call names the row's own error
+            texts = []
+            for conversation in good:
+                try:
+                    texts.append(self._apply_template(conversation))
+                except RowProblem as exc:
+                    texts.append(exc)
+        rendered = iter(texts)
+        out: list[Rendered | RowProblem] = []
+        for conversation in conversations:
+            if isinstance(conversation, RowProblem):
+                out.append(conversation)
+                continue
+            text = next(rendered)
+            try:
+                out.append(text if isinstance(text, RowProblem) else self._with_spans(conversation, text))
+            except RowProblem as exc:
+                out.append(exc)
+        return out
+
+    def _with_spans(self, messages: list[dict[str, str]], full: str) -> Rendered:
+        """Loss spans of the assistant turns in `full` (see the module docstring): one pass over the messages."""
+        header, closing = self._template_markers()
         spans: list[tuple[int, int]] = []
         cursor = 0
         for i, message in enumerate(messages):
+            content = message["content"]
             if message["role"] != "assistant":
+                found = full.find(content, cursor) if content else -1
+                cursor = found + len(content) if found >= 0 else cursor  # a template may drop or rewrite it
                 continue
-            before = self._apply_template(messages[:i], add_generation_prompt=True) if i else ""
-            through = self._apply_template(messages[: i + 1], add_generation_prompt=False).rstrip()
-            if i and full.startswith(through) and through.startswith(before) and len(before) >= cursor:
-                start, end = len(before), len(through)
-            else:
-                start = full.find(message["content"], cursor)
-                if start < 0:
-                    raise RowProblem(f"the chat template does not show assistant message {i + 1} verbatim")
-                end = start + len(message["content"])
-                closing = through[through.rfind(message["content"]) + len(message["content"]):]
-                if closing and full.startswith(closing, end):
-                    end += len(closing)
+            start = self._find_reply(full, content, cursor, header)
+            if start < 0 and content.strip() != content:
+                content = content.strip()
+                start = self._find_reply(full, content, cursor, header)
+            if start < 0:
+                raise RowProblem(f"the chat template does not show assistant message {i + 1} verbatim")
+            end = start + len(content)
+            opened = full.rfind(header, cursor, start) if header else -1
+            if opened >= 0:
+                start = opened + len(header)
+            if closing and full.startswith(closing, end):
+                end += len(closing)
             spans.append((start, end))
             cursor = end
         return Rendered(full, tuple(spans), templated=True, eos_loss=False)
 
-    # -- tokenizing --------------------------------------------------------------------------------------------------
-    def tokenize(self, rendered: Rendered, max_length: int) -> tuple[Tokenized, int]:
-        """The tokens that train (cut to `max_length`) and the untruncated count. Template text already holds its
-        special tokens. Classification re-tokenizes with the tokenizer's own truncation so that closing special
-        tokens ([SEP]) survive; causal formats keep the first `max_length` tokens."""
-        full = self._encode(rendered, None)
-        if len(full.ids) <= max_length:
-            kept = full
-        elif self.fmt == "classification":
-            kept = self._encode(rendered, max_length)
-        else:
-            kept = Tokenized(full.ids[:max_length], full.loss[:max_length], full.pieces[:max_length])
-        if self.fmt != "classification" and not any(kept.loss[1:]):  # the first token's label is never predicted
-            prompt = full.loss.index(True) if True in full.loss else len(full.ids)
-            raise RowProblem(f"no loss token fits in max_length={max_length} (the text before it is {prompt} tokens)")
-        return kept, len(full.ids)
+    @staticmethod
+    def _find_reply(full: str, content: str, cursor: int, header: str) -> int:
+        """Where `content` starts as a reply: the first occurrence after `cursor` with a generation prompt between
+        (any occurrence when the template has no generation prompt)."""
+        found = full.find(content, cursor)
+        while header and found >= 0 and full.rfind(header, cursor, found) < 0:
+            found = full.find(content, found + 1)
+        return found
 
-    def _encode(self, rendered: Rendered, truncate_to: int | None) -> Tokenized:
-        try:
-            encoding = self.tokenizer(
-                rendered.text, add_special_tokens=not rendered.templated, return_offsets_mapping=True,
-                truncation=truncate_to is not None, max_length=truncate_to,
-            )
-        except NotImplementedError as exc:
-            raise DataError(
-                "this model's tokenizer cannot map tokens to characters (it is not a 'fast' tokenizer), which loss "
-                "masks need: use a model whose folder has a tokenizer.json"
-            ) from exc
-        ids = list(encoding["input_ids"])
-        offsets = list(encoding["offset_mapping"])
-        loss = [any(b < end and start < e for start, end in rendered.loss_spans) for b, e in offsets]
-        pieces = self._pieces(rendered.text, ids, offsets)
-        if rendered.eos_loss and ids and ids[-1] == self.eos_id:
-            loss[-1] = True  # the tokenizer appends EOS itself
-        elif rendered.eos_loss:
-            ids.append(self.eos_id)
-            loss.append(True)
-            pieces.append(self.tokenizer.decode([self.eos_id]))
-        return Tokenized(tuple(ids), tuple(loss), tuple(pieces))
-
-    def _pieces(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[str]:
-        """The text each token stands for. Tokens sharing characters (a UTF-8 character split over bytes) give
-        the characters to the first of them; tokens added outside the text (BOS) show their decoded form."""
-        pieces = []
-        shown = 0
-        for token_id, (b, e) in zip(ids, offsets):
-            if b == e:
-                pieces.append(self.tokenizer.decode([token_id]))
-                continue
-            pieces.append(text[shown:e] if e > shown else "")
-            shown = max(shown, e)
-        return pieces
+    def _template_markers(self) -> tuple[str, str]:
+        """(generation prompt, closing marker) of the chat template, from a probe conversation; empty strings where
+        the template shows neither."""
+        if self._markers is None:
+            user = [{"role": "user", "content": PROBE_USER}]
+            try:
+                asked = self._apply_template(user, add_generation_prompt=True)
+                plain = self._apply_template(user)
+                replied = self._apply_template([*user, {"role": "assistant", "content": PROBE_REPLY}])
+            except RowProblem:
+                self._markers = ("", "")
+                return self._markers
+            header = asked[len(plain):] if asked.startswith(plain) else ""
+            after = replied.rfind(PROBE_REPLY)
+            closing = replied[after + len(PROBE_REPLY):].rstrip() if after >= 0 else ""
+            self._markers = (header, closing)
+        return self._markers
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str | None:

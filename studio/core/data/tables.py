@@ -6,18 +6,21 @@ undecodable JSON line or one value of another type fails a whole file without a 
 becomes a `Record` with a `problem`, which dataset.py reports as a bad row; nothing disappears unreported.
 
 Row numbers are 1-based: the line where the record starts in CSV, JSONL and TXT files (what an editor shows; the
-CSV header is line 1), the record's position in JSON arrays and Parquet files. TXT files hold one document per
-file (`txt_mode="file"`) or one per blank-line-separated block (`"blocks"`), in a column named `text`.
+CSV header is line 1), the record's position in JSON arrays, Parquet files and hub datasets. TXT files hold one
+document per file (`txt_mode="file"`) or one per blank-line-separated block (`"blocks"`), in a column named `text`.
+A path that names no file but reads as a hub dataset id (`owner/name[:config][@split]`) loads through hub.py.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from studio.core.data.hub import HubSource, fingerprint, open_hub_dataset, parse_hub_id
 from studio.core.errors import DataError
 from studio.core.logs import route_library_logger
 
@@ -48,7 +51,7 @@ def read_table(path: str | Path, txt_mode: TxtMode = "file") -> Table:
     """All records of a data file (or a folder of .txt files). Raises DataError when nothing can be read."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"no such file or folder: {path}")
+        return _read_hub(str(path), _hub_source(path))
     try:
         if p.is_dir():
             texts = sorted(p.glob("*.txt"))
@@ -75,6 +78,44 @@ def read_table(path: str | Path, txt_mode: TxtMode = "file") -> Table:
     for record in records:
         columns.update(dict.fromkeys(record.values or {}))
     return Table(str(p), tuple(columns), tuple(records))
+
+
+def source_fingerprint(path: str | Path, txt_mode: TxtMode = "file") -> str:
+    """A digest of what `read_table(path, txt_mode)` would read, without parsing it: the bytes of the file (or of
+    each .txt file of a folder, with their names), or a hub dataset's prepared files."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return fingerprint(open_hub_dataset(_hub_source(path)))
+    digest = hashlib.sha256(f"{txt_mode}\0".encode())
+    try:
+        for file in sorted(p.glob("*.txt")) if p.is_dir() else [p]:
+            digest.update(f"{file.name}\0".encode())
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    except OSError as exc:
+        raise DataError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def absolute_source(path: str) -> str:
+    """A local file's absolute path (a run file must work from any folder); a hub dataset id as it is."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() or parse_hub_id(path) is None else path
+
+
+def _hub_source(path: str | Path) -> HubSource:
+    source = parse_hub_id(str(path))
+    if source is None:
+        raise DataError(f"no such file or folder: {path}")
+    return source
+
+
+def _read_hub(name: str, source: HubSource) -> Table:
+    dataset = open_hub_dataset(source)
+    records = tuple(Record(name, row, values) for row, values in enumerate(dataset.to_list(), 1))
+    if not records:
+        raise DataError(f"the hub dataset {source} holds no rows")
+    return Table(name, tuple(dataset.column_names), records)
 
 
 def _decodes(text: str) -> bool:

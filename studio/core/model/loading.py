@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from studio.core.errors import ModelSourceError, first_line
-from studio.core.files import atomic_folder
+from studio.core.files import atomic_folder, cache_root
 from studio.core.progress import Progress, ProgressCallback, ignore
 
 SourceKind = Literal["default", "folder", "gguf", "hub", "config"]
@@ -139,14 +138,6 @@ def _resolve_folder(path: Path) -> ModelSource:
         names = ", ".join(p.name for p in ggufs[:4])
         raise ModelSourceError(f"{path} holds several .gguf files ({names}): open one of them")
     raise ModelSourceError(f"{path} holds no config.json, weights or .gguf file")
-
-
-def cache_root() -> Path:
-    """Where converted models live: $LORA_STUDIO_CACHE, else $XDG_CACHE_HOME/lora-studio, else ~/.cache."""
-    if os.environ.get("LORA_STUDIO_CACHE"):
-        return Path(os.environ["LORA_STUDIO_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lora-studio"
 
 
 def open_model(

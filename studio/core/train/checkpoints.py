@@ -29,7 +29,7 @@ from typing import Any
 
 from studio.core import run_layout
 from studio.core.errors import StudioError, TrainingError, first_line
-from studio.core.files import atomic_folder, write_atomic, write_failure
+from studio.core.files import atomic_folder, temp_name, write_atomic, write_failure
 from studio.core.runconfig import RunConfig
 
 TRAINER_STATE = "trainer_state.json"  # a checkpoint's RunState
@@ -64,8 +64,12 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
 
     folder = run_dir / run_layout.CHECKPOINTS
     target = folder / run_layout.checkpoint_name(state.step)
+    # a step written again (a stop right after its checkpoint, a resume from an earlier one) is written whole under a
+    # hidden name and then swapped in, never replaced entry by entry: a kill in between would leave a step-N that
+    # looks complete but holds parts of two checkpoints, or none of its adapter
+    written = temp_name(target) if target.exists() else target
     try:
-        with atomic_folder(target, "checkpoint", owned=True) as staging:
+        with atomic_folder(written, "checkpoint", owned=True) as staging:
             save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source)
             _save_torch(optimizer.state_dict(), staging / "optimizer.pt")
             _save_torch(scheduler.state_dict(), staging / "scheduler.pt")
@@ -75,7 +79,11 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
                 "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
                 "processes": state.processes,
             }))
+        if written != target:
+            _swap_in(written, target)
     except (OSError, StudioError, RuntimeError) as exc:
+        if written != target:
+            shutil.rmtree(written, ignore_errors=True)
         reason = write_failure(exc)
         if reason is None:
             raise
@@ -97,9 +105,26 @@ def _save_torch(obj: Any, path: Path) -> None:
 def _retire(checkpoint: Path) -> None:
     """Remove a checkpoint folder: renamed to a hidden name first (one atomic step), so a run killed while deleting
     never leaves a half-deleted `step-N` that looks complete."""
-    retired = checkpoint.with_name(f".{checkpoint.name}.retired-{uuid.uuid4().hex[:8]}")
+    retired = _retired_name(checkpoint)
     checkpoint.rename(retired)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _swap_in(new: Path, checkpoint: Path) -> None:
+    """Put the complete checkpoint `new` where `checkpoint` is: the old one renamed aside, the new one renamed in, the
+    old one deleted. A kill between the two renames leaves the earlier checkpoints, which a resume continues from."""
+    retired = _retired_name(checkpoint)
+    checkpoint.rename(retired)
+    try:
+        new.rename(checkpoint)
+    except OSError:
+        retired.rename(checkpoint)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _retired_name(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f".{checkpoint.name}.retired-{uuid.uuid4().hex[:8]}")
 
 
 def set_aside(checkpoint: Path) -> Path:

@@ -28,11 +28,18 @@ from typing import Any, Callable
 from studio.core import events as ev
 from studio.core import run_layout
 from studio.core.errors import DivergedError, StudioError, TrainingError, WriteError, first_line
-from studio.core.files import atomic_folder, write_atomic, write_failure
+from studio.core.files import atomic_folder, blocking_file, write_atomic, write_failure
 from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
 from studio.core.train.batching import Batches, StepBatch
-from studio.core.train.checkpoints import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
+from studio.core.train.checkpoints import (
+    RunState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    set_aside,
+)
 from studio.core.train.control import TrainControl
 from studio.core.train.failures import failure_line
 from studio.core.train.preflight import check_run
@@ -150,6 +157,9 @@ def _new_run_folder(config: RunConfig, run_dir: Path) -> None:
                          "new run folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise WriteError(f"{run_dir} is not empty: choose a new or empty folder for the run")
+    blocker = blocking_file(run_dir)
+    if blocker is not None:  # said of the folder the person named, as train() says any other failure to make it
+        raise WriteError(f"cannot write the run folder {run_dir}: {blocker} is a file, not a folder")
     write_atomic(run_dir / run_layout.RUN_FILE, dump(config))
 
 
@@ -162,11 +172,13 @@ def _set_aside_diverged(run_dir: Path, step: int) -> None:
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """run.yaml must work from anywhere: store the data files' absolute paths."""
+    """run.yaml must work from anywhere: store the data files' absolute paths (a hub dataset id stays as it is)."""
+    from studio.core.data.tables import absolute_source
+
     data = dict(config.data)
     for key in ("train_path", "val_path"):
         if data.get(key):
-            data[key] = str(Path(data[key]).expanduser().resolve())
+            data[key] = absolute_source(str(data[key]))
     return dataclasses.replace(config, data=data, output_dir=str(Path(config.output_dir).resolve()))
 
 
@@ -212,6 +224,7 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
 
     from studio.core.adapters.folder import plan_of_adapter
     from studio.core.data import dataset as datamod
+    from studio.core.data import epochs
     from studio.core.model import inventory
     from studio.core.model.loading import open_model, require_weights
     from studio.core.model.plan import LoraPlan, count, to_peft_config, validate
@@ -266,6 +279,15 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         emit(ev.LogMessage(f"skipped {bad.file} row {bad.row}: {bad.reason}", "warning"))
     if not prepared.train:
         raise TrainingError("the training set is empty after formatting: check the file and the column mapping")
+    # a run given in epochs becomes steps now that the data is known; from here on the run counts in steps
+    steps = epochs.schedule(t, len(prepared.train), procs.world)
+    t = dataclasses.replace(t, max_steps=steps.total_steps, epochs=None, eval_every=steps.eval_every,
+                            eval_every_epochs=None, save_every=steps.save_every, save_every_epochs=None)
+    config = dataclasses.replace(config, training=t)
+    start = read_state(checkpoint).step if checkpoint is not None else 0
+    if start >= t.max_steps:
+        raise TrainingError(f"the latest checkpoint of {run_dir} is at step {start}: {t.max_steps} steps "
+                            f"({steps.epochs:g} epochs) train nothing more")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     is_lm = prepared.format != "classification"
 
@@ -572,6 +594,6 @@ def resume(run_dir: str | Path, on_event: EventCallback | None = None, control: 
         failed = ev.Failed(first_line(exc), 0)
         (on_event or (lambda _e: None))(failed)
         return failed
-    if max_steps is not None:
-        config = replace(config, training=replace(config.training, max_steps=max_steps))
+    if max_steps is not None:  # a step budget replaces a length given in epochs
+        config = replace(config, training=replace(config.training, max_steps=max_steps, epochs=None))
     return train(config, on_event, control, resume_from=run_dir)

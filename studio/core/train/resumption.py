@@ -38,12 +38,12 @@ def check_resume(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> i
     """The checkpoint's step, once it is clear that resuming it with `config` trains something and loses nothing."""
     start = read_state(checkpoint).step if checkpoint is not None else 0
     stored = load(run_dir / run_layout.RUN_FILE)
-    budget = config.training.max_steps
-    if budget <= start:
+    budget = config.training.max_steps  # None for a run given in epochs: checked once the data says its steps
+    if budget is not None and budget <= start:
         raise TrainingError(f"the latest checkpoint of {run_dir} is at step {start}: a resume needs more than {start} "
                             f"steps to train (max steps is {budget})")
     finished = finished_step(run_dir)
-    if finished is not None and budget < finished:
+    if finished is not None and budget is not None and budget < finished:
         raise TrainingError(f"{run_dir} finished at step {finished}: resuming it to step {budget} would replace its "
                             f"adapter with an earlier one; give at least {finished} steps, or export it first")
     if config.training.optimizer != stored.training.optimizer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 from studio.core import events as ev
 from studio.core import run_layout
 from studio.core.adapters.folder import run_adapter
+from studio.core.files import is_temp_name
 from studio.core.runconfig import load
 from studio.core.train.checkpoints import latest_checkpoint
 
@@ -60,15 +62,21 @@ class RunCurves:
     val_losses: tuple[tuple[int, float], ...]
 
 
-# what the studio's writers stage or set aside beside a run's files (files.py, checkpoints.py) and what a killed
-# process leaves behind: `.adapter.partial-*`, `.adapter.old-*`, `.run.yaml.<random>`, `checkpoints/.step-*`
-LEFTOVER_PATTERNS = (".adapter.partial-*", ".adapter.old-*", ".run.yaml.*", ".metrics.jsonl.*", ".error.log.*",
-                     "checkpoints/.step-*")
+# what the studio's writers stage or set aside in a run folder, which a killed process can leave behind: files.py's
+# temp names (`.NAME.partial-XXXXXXXX`) beside run.yaml, metrics.jsonl, spectra.jsonl, error.log, adapter/ and
+# tokenizer/, inside an adapter/ or tokenizer/ being replaced (its entries and its manifest), and in checkpoints/
+# (a new step-N, or a step written again: `.step-N.partial-X` and its own staging `..step-N.partial-X.partial-Y`);
+# checkpoints.py's `.step-N.retired-XXXXXXXX`, a checkpoint on its way out
+LEFTOVER_PATTERNS = (".*.partial-*", f"{run_layout.ADAPTER}/.*.partial-*", f"{run_layout.TOKENIZER}/.*.partial-*",
+                     f"{run_layout.CHECKPOINTS}/.*.partial-*", f"{run_layout.CHECKPOINTS}/.step-*.retired-*")
+_RETIRED = re.compile(r"\.step-\d+\.retired-[0-9a-f]{8}")  # checkpoints.retire's name
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Delete the hidden staging files and folders a killed run left in its folder; returns what went."""
-    removed = [p for pattern in LEFTOVER_PATTERNS for p in folder.glob(pattern)]
+    """Delete the hidden staging files and folders a killed run left in its folder (only the studio's temp names: a
+    person's `.notes.partial-draft` stays); returns what went."""
+    removed = [p for pattern in LEFTOVER_PATTERNS for p in folder.glob(pattern)
+               if is_temp_name(p.name) or _RETIRED.fullmatch(p.name)]
     for path in removed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -182,10 +182,13 @@ def test_csv_rows_with_wrong_field_counts_or_bytes_are_bad_rows(tmp_path, defaul
 
 def test_a_row_whose_prompt_fills_max_length_is_a_bad_row(tmp_path, default_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": "word " * 200, "response": "x"}])
-    prepared = prepare(DataSpec(str(path), max_length=64), default_tokenizer)
-    assert len(prepared.train) == 1
+    prepared = prepare(DataSpec(str(path), max_length=64), default_tokenizer)  # instruction rows: drop by default
+    assert len(prepared.train) == 1 and prepared.dropped == 1 and prepared.overflow == "drop"
     (bad,) = prepared.bad_rows
-    assert bad.row == 2 and bad.reason.startswith("no loss token fits in max_length=64")
+    text = default_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}], tokenize=False)
+    length = len(default_tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert bad.row == 2 and bad.reason == f"is {length} tokens, longer than max_length=64: left out (overflow: drop)"
 
 
 # -- formats and loss masks ----------------------------------------------------------------------------------------
@@ -253,6 +256,20 @@ def test_sharegpt_messages_and_json_text_cells_are_understood(tmp_path, default_
     prepared = prepare(DataSpec(str(path)), default_tokenizer)
     assert prepared.format == "chat"
     assert loss_spans(default_tokenizer, prepared.train[0]) == ["Pong<|im_end|>"]
+
+
+def test_a_long_conversation_masks_every_reply_even_one_the_user_said_first(tmp_path, default_tokenizer):
+    """Spans come from one rendering of the whole conversation, found in order: 80 turns, and replies that repeat
+    the user's words (a search from the start of the text would find them in the user's turn)."""
+    messages = []
+    for i in range(40):
+        messages.append({"role": "user", "content": f"Say {i} back to me: echo{i}"})
+        messages.append({"role": "assistant", "content": f"echo{i}"})
+    prepared = prepare(DataSpec(str(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])), max_length=4096),
+                       default_tokenizer)
+    (example,) = prepared.train
+    assert default_tokenizer.decode(example.input_ids) == default_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert loss_spans(default_tokenizer, example) == [f"echo{i}<|im_end|>" for i in range(40)]
 
 
 def test_chat_template_that_rewrites_earlier_turns_still_masks_each_turn(tmp_path, default_model):
@@ -334,10 +351,11 @@ def test_classification_truncation_keeps_the_closing_special_token(tmp_path):
 # -- lengths, splits, packing, collate -----------------------------------------------------------------------------
 def test_truncation_and_length_statistics_match_numpy(tmp_path, default_tokenizer):
     rows = [{"text": "word " * n} for n in (3, 10, 40, 80, 5, 120)]
-    prepared = prepare(DataSpec(str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=48), default_tokenizer)
+    spec = DataSpec(str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=48, overflow="truncate")
+    prepared = prepare(spec, default_tokenizer)
     lengths = np.array([len(default_tokenizer(r["text"])["input_ids"]) + 1 for r in rows])  # + EOS
     stats = prepared.stats
-    assert stats.lengths == tuple(lengths.tolist())
+    assert stats.lengths.tolist() == lengths.tolist()
     assert (stats.count, stats.min, stats.max) == (6, lengths.min(), lengths.max())
     assert stats.mean == pytest.approx(lengths.mean()) and stats.median == pytest.approx(np.median(lengths))
     assert stats.p95 == pytest.approx(np.percentile(lengths, 95))

@@ -1,8 +1,10 @@
 """Runs survive SIGKILL: a real `lora-studio train` (then `lora-studio resume`) subprocess on a tiny model is killed
-at chosen moments, aimed at its three kinds of work: optimizer steps, checkpoint writing (its `.step-N.partial`
-staging folder is on disk) and the final adapter's saving (`.adapter.partial-*`). After every kill the run folder is
-read as the runs list reads it, its newest complete checkpoint loads, and `resume` (on a copy) finishes the run with
-the losses, validation losses and adapter tensors of an uninterrupted run with the same seed, exactly.
+at chosen moments, aimed at its three kinds of work: optimizer steps, checkpoint writing (its staging folder, named
+as files.py names temp folders, `checkpoints/.step-N.partial-XXXXXXXX`, is on disk) and the final adapter's saving
+(`.adapter.partial-XXXXXXXX`, or `adapter/.adapter.partial-XXXXXXXX` when an adapter is replaced). After every kill
+the run folder is read as the runs list reads it, its newest complete checkpoint loads, and `resume` (on a copy)
+finishes the run with the losses, validation losses and adapter tensors of an uninterrupted run with the same seed,
+exactly, and leaves nothing staged or retired behind.
 
 The killed run itself goes on: the next kill hits a `lora-studio resume` of it, so kills land in resumed processes
 too (while metrics.jsonl is cut back, while leftovers are cleared). A chain whose process finished before its kill
@@ -89,7 +91,8 @@ def reference(kill_run_file, tmp_path_factory):
 
 def _staged(run_dir: Path) -> dict[str, set[int]]:
     """The inodes of the staging folders now on disk, by the kind of write they belong to."""
-    found = {"checkpoint": run_dir.glob("checkpoints/.step-*.partial"), "adapter": run_dir.glob(".adapter.partial-*")}
+    found = {"checkpoint": run_dir.glob("checkpoints/.*.partial-*"),  # files.atomic_folder's, of checkpoints.py's
+             "adapter": [*run_dir.glob(".adapter.partial-*"), *run_dir.glob("adapter/.adapter.partial-*")]}
     inodes: dict[str, set[int]] = {}
     for kind, paths in found.items():
         inodes[kind] = set()

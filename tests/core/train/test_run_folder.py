@@ -1,6 +1,7 @@
 """Run folders read back from files the engine's own Recorder writes: the summary read from the end of
 metrics.jsonl agrees with the whole history, the curves follow a resume, and the last spectrum snapshot is read
-from the end of spectra.jsonl even when a crash cut its last line."""
+from the end of spectra.jsonl even when a crash cut its last line. What a killed run leaves hidden goes on resume, and
+only that."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from studio.core import events as ev
 from studio.core.errors import StudioError
+from studio.core.files import MANIFEST, temp_name
 from studio.core.runconfig import RunConfig, TrainingConfig, save
 from studio.core.train.run_folder import (
     event_from,
@@ -20,6 +22,7 @@ from studio.core.train.run_folder import (
     read_last_record,
     read_records,
     read_run,
+    remove_leftovers,
 )
 
 
@@ -131,3 +134,30 @@ def test_the_last_spectrum_is_read_from_the_end_past_a_torn_last_line(tmp_path):
     assert last is not None and event_from(last) == snapshots[-1]
     assert read_last_record(folder, "metrics.jsonl", "SpectrumSnapshot") is None  # spectra go to their own file
     assert read_last_record(tmp_path / "no-such-run", "spectra.jsonl", "SpectrumSnapshot") is None
+
+
+def test_remove_leftovers_takes_every_name_the_writers_stage_and_nothing_else(tmp_path):
+    run = run_folder(tmp_path)
+    checkpoints, adapter, tokenizer = run / "checkpoints", run / "adapter", run / "tokenizer"
+    for folder in (checkpoints / "step-2" / "adapter", adapter, tokenizer):
+        folder.mkdir(parents=True)
+    rewritten = temp_name(checkpoints / "step-2")  # a step written again, complete, not yet swapped in
+    staged = [temp_name(run / name) for name in ("run.yaml", "metrics.jsonl", "spectra.jsonl", "error.log")]
+    staged += [temp_name(run / "adapter"), temp_name(run / "tokenizer"), temp_name(checkpoints / "step-4"),
+               rewritten, temp_name(rewritten), temp_name(adapter / "adapter"), temp_name(adapter / MANIFEST),
+               temp_name(tokenizer / "tokenizer"), checkpoints / ".step-2.retired-0123abcd"]
+    for path in staged:
+        if "step" in path.name or path.name.startswith((".adapter", ".tokenizer")):
+            path.mkdir()
+            (path / "adapter_model.safetensors").write_text("half")
+        else:
+            path.write_text("half")
+    kept = [run / ".notes.partial-draft", run / ".run.yaml.partial-1", adapter / MANIFEST,
+            checkpoints / "step-2" / "adapter" / "adapter_model.safetensors", checkpoints / ".step-2.retired-copy"]
+    for path in kept:
+        path.write_text("a person's, or the studio's to keep")
+    (checkpoints / "diverged-step-6").mkdir()
+
+    assert sorted(remove_leftovers(run)) == sorted(staged)
+    assert not any(path.exists() for path in staged)
+    assert all(path.exists() for path in kept) and (checkpoints / "diverged-step-6").is_dir()
