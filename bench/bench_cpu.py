@@ -90,7 +90,7 @@ def hf_side(steps: int) -> list[float]:
     prepared = datamod.prepare(demo_spec(), tokenizer)
     # a "collate" that keeps the rows: the engine's choice of rows for each step, without its tensors
     batches = Batches(prepared.train, lambda rows: {"rows": rows, "input_ids": torch.zeros(0)}, batch_size=BATCH,
-                      accumulation=1, world=1, rank=0, seed=0, is_lm=True)
+                      accumulation=1, world=1, rank=0, seed=0, is_lm=True, lengths=prepared.train.lengths)
     rows = [e for step in range(steps) for e in batches.for_step(step).micro[0]["rows"]]
     features = [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids), "labels": list(e.labels)}
                 for e in rows]

@@ -58,7 +58,7 @@ VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "fused": dict
             "compiled": dict(fused_loss=True, compile_layers=True)}
 
 
-# -- models and data -------------------------------------------------------------------------------------------------
+# -- models and data ---------------------------------------------------------------------------------------------------
 def copy_tokenizer(tokenizer_dir: str, folder: Path) -> None:
     for item in Path(tokenizer_dir).iterdir():
         if item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
@@ -106,7 +106,7 @@ def write_text_data(tokenizer_dir: str, path: Path, rows: int, seq: int) -> None
             handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(int(seq * 1.5)))}) + "\n")
 
 
-# -- FLOPs -----------------------------------------------------------------------------------------------------------
+# -- FLOPs -------------------------------------------------------------------------------------------------------------
 def matmul_params(shape: dict) -> int:
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
@@ -123,7 +123,7 @@ def mfu(tokens_per_s: float, shape: dict, seq: int, peak: float | None) -> float
     return tokens_per_s * flops_per_token(shape, seq) / peak if peak else None
 
 
-# -- the baselines ----------------------------------------------------------------------------------------------------
+# -- the baselines -----------------------------------------------------------------------------------------------------
 def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None = None) -> list[dict]:
     """Run a baseline script unchanged in a subprocess; its JSON lines. `datasets` fingerprints a new Dataset by
     pickling its Arrow table with dill, which fails on some Python 3.12 + pyarrow builds (MonthDayNano): a random
@@ -242,7 +242,7 @@ def epoch_steps(data: Path, tokenizer_dir: Path, seq: int, batch: int) -> int:
     return max(1, len(datamod.prepare(spec, AutoTokenizer.from_pretrained(tokenizer_dir)).train) // batch)
 
 
-# -- workloads ----------------------------------------------------------------------------------------------------------
+# -- workloads ---------------------------------------------------------------------------------------------------------
 def fixed_workload(args, work: Path, folder: Path, data: Path, baseline: dict, mode: str, shape: dict,
                    loaded_factory=None) -> dict:
     peak = gpu_peak()
@@ -300,7 +300,7 @@ def cpu_workload() -> dict:
     return json.loads(lines[-1])
 
 
-# -- report ---------------------------------------------------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------------------------------------------
 def gpu_peak() -> float | None:
     import torch
 
@@ -334,8 +334,9 @@ def table(results: dict) -> str:
             continue
         base = results[key]["baseline"]
         for variant, ours in results[key]["engine"].items():
-            lines.append(f"| {label} ({variant}) | {base['tokens_per_s']:,.0f} tokens/s, {base['peak_mem_gib']:.1f} GiB,"
-                         f" {percent(base['mfu'])} MFU | {ours['tokens_per_s']:,.0f}, {ours['peak_mem_gib']:.1f} GiB, "
+            lines.append(f"| {label} ({variant}) | {base['tokens_per_s']:,.0f} tokens/s, "
+                         f"{base['peak_mem_gib']:.1f} GiB, {percent(base['mfu'])} MFU | "
+                         f"{ours['tokens_per_s']:,.0f}, {ours['peak_mem_gib']:.1f} GiB, "
                          f"{percent(ours['mfu'])} MFU | {ours['ratio']:.2f}x |")
     if "varlen" in results:
         base = results["varlen"]["baseline"]

@@ -84,6 +84,9 @@ class TrainingConfig:
         "memory and time): true, false or auto (wherever the model's output head allows it)"))
     compile_layers: bool | str = field(default="auto", metadata=_help(
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
+    group_by_length: bool = field(default=True, metadata=_help(
+        "Without packing, each micro-batch draws examples of similar lengths (less padding; which examples meet, "
+        "and when, stays random from the seed)"))
     attention: str = field(default="auto", metadata=_help(
         "Attention for packed rows: auto (on a CUDA GPU varlen, else flex_attention; SDPA on the CPU), sdpa, "
         "flex_attention or varlen (no dense mask: nothing computed across packed examples)"))

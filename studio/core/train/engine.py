@@ -310,9 +310,11 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     ))
     if checkpoint is not None:
         emit(ev.Resumed(state.step))
+    packed = prepared.train.piece_starts is not None
     batches = Batches(prepared.train, lambda examples: datamod.collate(examples, pad_id), batch_size=t.batch_size,
                       accumulation=t.gradient_accumulation, world=accelerator.num_processes,
-                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm)
+                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm,
+                      lengths=prepared.train.lengths if t.group_by_length and not packed else None)
 
     # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
     is_cuda = accelerator.device.type == "cuda"
@@ -324,11 +326,12 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
             emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
             fused = False
-    training_attention = _training_attention(t.attention, peft_model, batches.for_step(state.step), accelerator,
-                                             is_cuda, packed=prepared.train[0].position_ids is not None, emit=emit)
+    training_attention = _training_attention(t.attention if is_lm else "sdpa", peft_model, batches.for_step(state.step),
+                                             accelerator, is_cuda, packed=packed, emit=emit)
     undo.callback(training_attention.restore)
     compile_policy = compilation.CompilePolicy(
-        t.compile_layers, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
+        t.compile_layers, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing, undo=undo,
+        log=lambda text, level: emit(ev.LogMessage(text, level)))
     return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler, params,
                 prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
