@@ -27,7 +27,8 @@ backward: the largest such weight in the compute dtype is added. Measured on an 
 Llama shape, r=16 all-linear, 8 × 1024 tokens), QLoRA peaked at 23.1 GiB where this said 15.1: the engine then
 called PEFT's prepare_model_for_kbit_training, which casts the norms and embeddings to float32; bitsandbytes'
 Linear4bit returns its output in its input's dtype, so every projection's output and the MLP's I-wide tensors
-(the largest activations) were float32 too: about 6 GiB more. The engine no longer does that cast.
+(the largest activations) were float32 too: about 6 GiB more. The engine no longer does that cast; for that
+workload this estimate now says 16.5 GiB (not measured again yet).
 
 Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
 chunked loss the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled); an earlier count of the

@@ -17,6 +17,7 @@ the engine leaves the mask out (losses.to_device) and SDPA takes its flash kerne
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 from contextlib import contextmanager
@@ -65,8 +66,11 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     own. Returns (b, s, heads, d) as transformers' other implementations do."""
     if cu_seq_lens_q is None or max_length_q is None:
         raise RuntimeError("varlen attention needs the batch's cu_seq_lens_q (attention.to_kwargs)")
-    if dropout:
-        raise RuntimeError("varlen attention does not apply attention dropout")
+    # what this plain causal kernel does not do: the engine's check then falls back to FlexAttention or SDPA
+    window = kwargs.get("sliding_window")
+    if dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None or (window and window < max_length_q):
+        raise RuntimeError("varlen attention covers plain causal attention only (no dropout, softcapping, sinks or "
+                           "sliding window shorter than the rows)")
     batch, heads, width, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
     out = _KERNEL[0](q, k, v, cu_seq_lens_q, max_length_q, scaling)
@@ -98,7 +102,7 @@ def available(name: str, *, is_cuda: bool) -> str | None:
         return "it needs a CUDA GPU"
     if name == VARLEN and varlen_kernel() is None:
         return "this torch has no torch.nn.attention.varlen"
-    if name == FLEX and not hasattr(torch.nn.attention, "flex_attention"):
+    if name == FLEX and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return "this torch has no FlexAttention"
     return None
 
