@@ -175,7 +175,8 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
         model=ModelConfig(source=str(folder), device="cuda", dtype="bfloat16",
                           quantization="4bit" if mode == "qlora" else None),
         plan={"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
-        data={"train_path": str(data), "format": "text", "max_length": seq, **data_settings},
+        # truncate: every fixed-length row exactly `seq` tokens, as the baseline's (windows would add short rows)
+        data={"train_path": str(data), "format": "text", "max_length": seq, "overflow": "truncate", **data_settings},
         training=TrainingConfig(**settings),
         output_dir=str(out),
     )
