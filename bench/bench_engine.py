@@ -1,6 +1,6 @@
 """Training speed of the studio's engine beside HF Trainer + PEFT, each workload measured in the same run (GPU).
 
-Workloads (--workloads, comma-separated; default fixed,varlen,qlora, about 7 minutes on an H200):
+Workloads (--workloads, comma-separated; default fixed,varlen,qlora, about 8 minutes on an H200):
   fixed   random-init Llama-3.2-1B shape, LoRA r=16 on all linear layers, 8 × 1024 tokens, bf16, against
           ../shared/bench/hf_peft_baseline.py (`lora`); tokens/s (median after warm-up), peak memory, MFU
   varlen  the same model on variable-length rows (lognormal, median 256 tokens, at most 1000), against
@@ -13,8 +13,9 @@ Workloads (--workloads, comma-separated; default fixed,varlen,qlora, about 7 min
           models built on the GPU: the baseline script runs unchanged with its config and model construction
           redirected (initialising 8B on the CPU takes minutes)
   cpu     bench/bench_cpu.py: the built-in demo on this machine's CPU (needs the built-in model's package)
-Engine variants (--variants; default compiled): plain (the model's own loss, eager layers), fused (the chunked
-loss, eager layers), compiled (the chunked loss and torch.compile on each decoder layer), as the run file's
+Engine variants (--variants for the fixed-length workloads, default fused,compiled; --varlen-variants, default
+compiled): plain (the model's own loss, eager layers), fused (the chunked loss, eager layers: what the memory
+estimate models), compiled (the chunked loss and torch.compile on each decoder layer), as the run file's
 fused_loss and compile_layers set them; the varlen workload's packed rows train with attention auto.
 
 MFU counts 4N + attention FLOPs per token (N: the matmul parameters, the head included; attention: QKᵀ and PV,
@@ -273,7 +274,7 @@ def varlen_workload(args, work: Path, folder: Path) -> dict:
         parts[n] = out / f"rows-{n}.jsonl"
         parts[n].write_text("".join(rows[:args.rows[0] if n == "warm" else n]))
     engine = {}
-    for variant in args.variants:
+    for variant in args.varlen_variants:
         settings = dict(data_settings={"packing": True})
         # the warm-up: the compiler's caches filled for the row widths the timed runs meet
         run_engine(folder, parts["warm"], work / "runs" / f"varlen-warm-{variant}", 8, 1024, args.batch, variant,
@@ -364,7 +365,9 @@ def main() -> None:
                         "hf_peft_varlen_baseline.py (../shared/bench)")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--workloads", default="fixed,varlen,qlora", help="comma-separated: " + ", ".join(WORKLOADS))
-    parser.add_argument("--variants", default="compiled", help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default="fused,compiled", help="for the fixed-length workloads, comma-separated: "
+                        + ", ".join(VARIANTS) + " (the memory estimate models fused: eager layers)")
+    parser.add_argument("--varlen-variants", default="compiled", help="for the variable-length workload")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
@@ -373,8 +376,9 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     workloads = args.workloads.split(",")
-    args.variants = args.variants.split(",")
-    for given, known, what in ((workloads, WORKLOADS, "workload"), (args.variants, VARIANTS, "variant")):
+    args.variants, args.varlen_variants = args.variants.split(","), args.varlen_variants.split(",")
+    for given, known, what in ((workloads, WORKLOADS, "workload"), (args.variants, VARIANTS, "variant"),
+                               (args.varlen_variants, VARIANTS, "variant")):
         if set(given) - set(known):
             parser.error(f"unknown {what}(s): {', '.join(sorted(set(given) - set(known)))}")
 
@@ -414,7 +418,7 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "date": datetime.now().isoformat(timespec="seconds"), "versions": versions(),
               "settings": {"steps": args.steps, "seq": args.seq, "batch": args.batch, "rows": list(args.rows),
-                           "variants": args.variants}, "results": results,
+                           "variants": args.variants, "varlen_variants": args.varlen_variants}, "results": results,
               "wall_s": time.perf_counter() - began}
     for workload, result in results.items():
         for variant, ours in (result.get("engine") or {}).items():

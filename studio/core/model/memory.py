@@ -9,10 +9,12 @@ Activations are what autograd keeps for backward, counted per token and decoder 
 - attention: q, k, v and its output (what a flash kernel keeps), the widths of the block's attention projections;
 - the MLP: each up-projection's output (kept by the activation or the product after it) and, for a gated MLP, the
   activation's output: 3·I for Llama's gate/up/down;
-- each adapted module: its own copy of its input (PEFT casts the input to the adapter's float32 and autocast casts
-  it back, so q, k and v each keep one) and the rank-wide product lora_B reads; with LoRA dropout, its mask (a
-  byte per input value); under mixed precision, autocast's copy of its weights. Frozen base layers keep nothing
-  for backward: their weight is all their input's gradient needs.
+- the adapters: their input, once for the adapters that read the same one (the engine turns off PEFT's cast of
+  the input to the adapter's float32 under autocast, which the cast back undid, so q, k and v keep one tensor;
+  counted once per block, parent module and input width; with DoRA, whose math needs the cast, one copy per
+  adapter), the rank-wide product lora_B reads, with LoRA dropout its mask (a byte per input value), under mixed
+  precision autocast's copy of the weights. Frozen base layers keep nothing for backward: their weight is all
+  their input's gradient needs.
 The other values are in the compute dtype. tests/core/model/test_memory.py checks the count against the tensors
 torch's saved_tensors_hooks see in a real LoRA forward. With gradient checkpointing only each layer's input
 (h values per token) is kept, plus one layer's full activations while it is recomputed.
@@ -28,12 +30,13 @@ Llama shape, r=16 all-linear, 8 × 1024 tokens), QLoRA peaked at 23.1 GiB where 
 called PEFT's prepare_model_for_kbit_training, which casts the norms and embeddings to float32; bitsandbytes'
 Linear4bit returns its output in its input's dtype, so every projection's output and the MLP's I-wide tensors
 (the largest activations) were float32 too: about 6 GiB more. The engine no longer does that cast; for that
-workload this estimate now says 16.5 GiB (not measured again yet).
+workload this estimate now says 14.5 GiB (not measured again yet).
 
 Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
-chunked loss the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled); an earlier count of the
-activations (10·h + 4·I values a token and layer, without the adapters' input copies) said 16.5 GiB; this one says
-17.8 GiB. With the model's own loss the peak was 28.5 GiB.
+chunked loss the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled), while PEFT still copied each
+adapter's input; this count, with those copies, says 17.8 GiB (an earlier one, 10·h + 4·I values a token and
+layer and no adapters, said 16.5). Without the copies it says 15.8 GiB (not measured yet). With the model's own
+loss the peak was 28.5 GiB.
 
 On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch, plus the buckets in
 which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
@@ -129,6 +132,15 @@ def _shape(tree: ModuleTree) -> _Shape:
     return _Shape(len(blocks), hidden, vocab, attention, mlp)
 
 
+def _kept_inputs(tree: ModuleTree, plan: LoraPlan) -> int:
+    """Values per token the adapters keep as their inputs: one tensor for the adapters of a block that read the
+    same input (same parent module and input width: q, k and v; gate and up), one per adapter for DoRA."""
+    if plan.variant == "dora":
+        return sum(int(tree[n].in_features or 0) for n in plan.targets)
+    shared = {(tree[n].block_index, n.rpartition(".")[0], int(tree[n].in_features or 0)) for n in plan.targets}
+    return sum(width for _, _, width in shared)
+
+
 def estimate(
     tree: ModuleTree,
     plan: LoraPlan,
@@ -168,9 +180,9 @@ def estimate(
 
     shape = _shape(tree)
     tokens = batch_size * seq_len
-    # per token: every adapted module's own input copy and rank-wide product; with dropout, its mask (a byte each)
+    # per token: the adapters' inputs and rank-wide products; with dropout, each adapter's mask (a byte a value)
     adapted_inputs = sum(int(tree[n].in_features or 0) for n in plan.targets)
-    adapters = (adapted_inputs + sum(plan.rank_of(n) for n in plan.targets)) * dtype_bytes
+    adapters = (_kept_inputs(tree, plan) + sum(plan.rank_of(n) for n in plan.targets)) * dtype_bytes
     adapters += adapted_inputs if plan.dropout > 0 else 0
     per_layer = NORMS * shape.hidden * 4 + (shape.attention + shape.mlp) * dtype_bytes
     if gradient_checkpointing:  # each layer's input, and one layer's whole share while it is recomputed

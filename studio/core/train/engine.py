@@ -271,6 +271,10 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         from studio.core.train.dropout import use_sparse_dropout
 
         undo.callback(use_sparse_dropout(peft_model))
+    if precision in ("bf16", "fp16") and plan.variant != "dora":
+        # under autocast an adapter reads its input as it is: PEFT would cast it to the adapter's float32 and
+        # autocast back (the same values), a copy per adapter kept for backward (DoRA's math depends on the cast)
+        undo.enter_context(_adapter_inputs_uncast(peft_model))
 
     # -- data
     tokenizer = loaded.tokenizer
@@ -514,6 +518,14 @@ def _training_attention(setting: str, model: Any, first: StepBatch, accelerator:
     if chosen != attention.SDPA:
         emit(ev.LogMessage(f"attention: {chosen} (packed rows without a dense mask)"))
     return attention.TrainingAttention(model, chosen)
+
+
+def _adapter_inputs_uncast(model: Any) -> contextlib.AbstractContextManager:
+    """PEFT's switch for its adapters' input casting (peft.helpers; a no-op where this PEFT lacks it)."""
+    from peft import helpers
+
+    switch = getattr(helpers, "disable_input_dtype_casting", None)
+    return switch(model) if switch is not None else contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:

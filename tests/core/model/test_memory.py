@@ -92,8 +92,9 @@ def test_on_several_gpus_each_holds_the_whole_run_plus_ddp_gradient_buckets_and_
 @pytest.mark.parametrize("heads, kv_heads, targets", [(8, 2, "all-linear"), (4, 4, "attention")])
 def test_activations_are_what_autograd_keeps_in_a_lora_forward(heads, kv_heads, targets):
     """The estimate's activations against the tensors torch's saved_tensors_hooks see (parameters aside) in a real
-    PEFT LoRA forward of a small Llama under bf16 autocast: norms, attention, the gated MLP and each adapter's own
-    input copy. The targets include every layer's attention, so that gradients reach the first layer too."""
+    PEFT LoRA forward of a small Llama under bf16 autocast, as the engine runs it (PEFT's input cast off): norms,
+    attention, the gated MLP, the adapters' shared inputs. The targets include every layer's attention, so that
+    gradients reach the first layer too."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -109,6 +110,8 @@ def test_activations_are_what_autograd_keeps_in_a_lora_forward(heads, kv_heads, 
     batch, seq = 2, 64
     estimated = memory.estimate(tree, plan, count(tree, plan), batch_size=batch, seq_len=seq).activations
     estimated -= min(batch * seq * 256, memory.LOSS_CHUNK_ELEMENTS) * 8  # the loss's chunk: the decoder alone below
+    from peft.helpers import disable_input_dtype_casting
+
     peft_model = get_peft_model(model, to_peft_config(plan, tree))
     weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
     kept: dict[int, int] = {}
@@ -119,6 +122,7 @@ def test_activations_are_what_autograd_keeps_in_a_lora_forward(heads, kv_heads, 
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), torch.autocast("cpu", torch.bfloat16):
+    with (disable_input_dtype_casting(peft_model),  # as the engine trains under autocast
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), torch.autocast("cpu", torch.bfloat16)):
         peft_model.get_base_model().model(input_ids=torch.randint(0, 256, (batch, seq)), use_cache=False)
     assert sum(kept.values()) == pytest.approx(estimated, rel=0.05)

@@ -153,3 +153,4 @@ def test_the_run_file_names_the_attention_choices(value):
     with pytest.raises(RunConfigError, match="training.attention"):
         RunConfig.from_dict({"plan": {"targets": "all-linear"}, "data": {"train_path": "x.jsonl"},
                              "training": {"attention": value}})
+
