@@ -125,11 +125,12 @@ def mfu(tokens_per_s: float, shape: dict, seq: int, peak: float | None) -> float
 
 
 # -- the baselines -----------------------------------------------------------------------------------------------------
-def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None = None) -> list[dict]:
+def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None = None,
+                    device: str = "cuda") -> list[dict]:
     """Run a baseline script unchanged in a subprocess; its JSON lines. `datasets` fingerprints a new Dataset by
     pickling its Arrow table with dill, which fails on some Python 3.12 + pyarrow builds (MonthDayNano): a random
     fingerprint skips that hashing, which happens before training and is not timed. With `shape`, the script's
-    LlamaConfig takes that shape and its models are built on the GPU."""
+    LlamaConfig takes that shape and its models are built on `device` (initialising 8B on the CPU takes minutes)."""
     patch = ""
     if shape is not None:
         patch = (
@@ -139,7 +140,7 @@ def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None 
             "class _OnGpu(_auto):\n"
             "    @classmethod\n"
             "    def from_config(cls, *a, **k):\n"
-            "        with torch.device('cuda'):\n"
+            f"        with torch.device({device!r}):\n"
             "            return _auto.from_config(*a, **k)\n"
             "transformers.AutoModelForCausalLM = _OnGpu\n"
         )
