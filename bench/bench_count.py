@@ -60,7 +60,8 @@ def main() -> None:
     print(f"Llama-2-70B config, {len(tree.modules)} modules, all-linear r=16 ({len(plan.targets)} targets)")
     print(f"  open in plan mode: first {cold:.2f} s (imports included), then {warm_open:.0f} ms")
     print(f"  module tree {tree_ms:.1f} ms; count {count_ms:.2f} ms; memory estimate {estimate_ms:.2f} ms")
-    print(f"  PEFT's own count (wrap the meta model, count): {peft_ms:.0f} ms -> count is {peft_ms / count_ms:.0f}x faster")
+    print(f"  PEFT's own count (wrap the meta model, count): {peft_ms:.0f} ms"
+          f" -> count is {peft_ms / count_ms:.0f}x faster")
 
 
 if __name__ == "__main__":

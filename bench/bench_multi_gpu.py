@@ -43,7 +43,7 @@ def run_file(work: Path, name: str, model: Path, data: Path, batch: int, steps: 
     path.write_text(yaml.safe_dump({
         "model": {"source": str(model), "device": "cuda", "dtype": "bfloat16"},
         "plan": {"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train_path": str(data), "format": "text", "max_length": 1024},
+        "data": {"train_path": str(data), "format": "text", "max_length": 1024, "overflow": "truncate"},
         "training": settings, "output_dir": str(work / "runs"),
     }))
     return path

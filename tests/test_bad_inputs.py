@@ -529,8 +529,8 @@ def _resume_to(w: World, max_steps: int, message: str) -> Case:
                 lambda: resume(run, max_steps=max_steps), untouched=run)
 
 
-AT_THE_CHECKPOINT = "the latest checkpoint of {run} is at step 2: a resume needs more than 2 steps to train (max steps " \
-                    "is "
+AT_THE_CHECKPOINT = "the latest checkpoint of {run} is at step 2: a resume needs more than 2 steps to train " \
+                    "(max steps is "
 
 CHECKPOINTS: dict[str, Callable[[World], Case]] = {
     "checkpoint: resume --max-steps at the last checkpoint": lambda w: _resume_to(w, 2, AT_THE_CHECKPOINT + "2)"),

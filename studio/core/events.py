@@ -40,6 +40,8 @@ class StepMetrics:
     eta_s: float
     gpu_mem_bytes: int | None = None  # peak allocated since the last step (the largest of all GPUs), None on CPU
     gpu_mem_per_device: tuple[int, ...] | None = None  # each process's GPU peak, when there are several
+    # real (non-padding) tokens over the positions the model computed: 1.0 without padding; packing raises it
+    token_efficiency: float | None = None
 
 
 @dataclass(frozen=True)

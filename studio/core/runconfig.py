@@ -81,10 +81,16 @@ class TrainingConfig:
     keep_checkpoints: int = field(default=2, metadata=_help(
         "Checkpoints kept, the newest; older ones are removed (0 keeps them all)"))
     fused_loss: bool | str = field(default="auto", metadata=_help(
-        "Chunked cross-entropy without the full logits (the same math, less memory): true, false or auto (on a "
-        "CUDA GPU)"))
+        "Chunked cross-entropy without the full logits, over the tokens that carry loss only (the same math, less "
+        "memory and time): true, false or auto (wherever the model's output head allows it)"))
     compile_layers: bool | str = field(default="auto", metadata=_help(
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
+    group_by_length: bool = field(default=True, metadata=_help(
+        "Without packing, each micro-batch draws examples of similar lengths (less padding; which examples meet, "
+        "and when, stays random from the seed)"))
+    attention: str = field(default="auto", metadata=_help(
+        "Attention for packed rows: auto (on a CUDA GPU varlen, else flex_attention; SDPA on the CPU), sdpa, "
+        "flex_attention or varlen (no dense mask: nothing computed across packed examples)"))
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ class RunConfig:
             value = getattr(t, name)
             _require(isinstance(value, bool) or value == "auto",
                      f"training.{name}: use true, false or auto, got {value!r}")
+        _one_of("training.attention", t.attention, ("auto", "sdpa", "flex_attention", "varlen"))
         m = self.model
         _one_of("model.task", m.task, ("causal-lm", "seq-cls"))
         _require(m.task != "seq-cls" or m.num_labels >= 2, "model.num_labels must be at least 2 for seq-cls")

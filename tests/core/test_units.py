@@ -6,7 +6,8 @@ from studio.core.units import human_bytes, human_count
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (9823216, "9.4 MiB"),
-                                     (3 * 1024**3, "3.0 GiB"), (5 * 1024**4, "5.0 TiB"), (2048 * 1024**4, "2048.0 TiB")])
+                                     (3 * 1024**3, "3.0 GiB"), (5 * 1024**4, "5.0 TiB"),
+                                     (2048 * 1024**4, "2048.0 TiB")])
 def test_human_bytes_uses_binary_units_up_to_tib(n, text):
     assert human_bytes(n) == text
 

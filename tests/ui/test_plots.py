@@ -1,8 +1,9 @@
-"""The step axis of the training plots: whole steps only, whatever the zoom."""
+"""The training plots: whole steps only on the step axis, whatever the zoom; the header's live figures."""
 
 from __future__ import annotations
 
-from studio.ui.plots import StepAxis, step_plot
+from studio.core import events as ev
+from studio.ui.plots import StepAxis, TrainingPlots, step_plot
 
 
 def test_a_short_run_gets_whole_step_ticks_only(qtbot):
@@ -22,3 +23,13 @@ def test_a_long_run_keeps_pyqtgraph_s_own_spacing(qtbot):
     levels = widget.getPlotItem().getAxis("bottom").tickValues(0, 1000, 600)
     major_spacing, major = levels[0]
     assert major_spacing >= 100 and major[:3] == [0.0, major_spacing, 2 * major_spacing]
+
+
+def test_the_header_shows_real_tokens_per_second_and_the_share_of_real_positions(qtbot):
+    plots = TrainingPlots()
+    qtbot.addWidget(plots)
+    step = ev.StepMetrics(step=1, total_steps=10, epoch=0.1, loss=2.0, lr=1e-4, grad_norm=1.0, tokens_per_s=38250.4,
+                          tokens_seen=8000, elapsed_s=0.2, eta_s=1.8, token_efficiency=0.9712)
+    plots.add_step(step)
+    assert plots.throughput_label.text() == "· 38,250 real tokens/s, 97% of positions real"
+    assert plots.memory_label.text() == "GPU memory: none (CPU run)"

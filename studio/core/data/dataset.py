@@ -10,7 +10,7 @@ skipped, or, with on_bad_rows="stop", the reason preparation stops. Rows longer 
 (listed with the bad rows) or lose the start of their prompt, classification rows are cut by the tokenizer. A
 validation fraction holds out whole rows, before any is split into windows.
 
-Packing concatenates consecutive examples (never splitting one) into sequences of at most max_length tokens.
+Packing joins examples (never splitting one) into sequences of at most max_length tokens (examples.pack: best fit).
 Each packed example carries `position_ids` that restart at 0 for every original example and `collate` then leaves
 `attention_mask` out: transformers (>= 5) reads restarting position ids without a mask as packed sequences and builds
 a block-diagonal causal mask, so an example never attends to its neighbours, provided the forward pass runs with
@@ -209,7 +209,7 @@ def _prepare(spec: DataSpec, tokenizer: Any) -> PreparedData:
         raise DataError(f"{where} has no usable rows ({len(train.bad) + len(train_dropped)} bad): see the bad rows")
     examples = len(train_table)
     if spec.packing:
-        train_table = pack(train_table, spec.max_length)
+        train_table = pack(train_table, spec.max_length, spec.seed)
     # the training file's bad rows (held-out ones too), then the validation file's, each in file order
     from_train = [*train.bad, *train_dropped, *(val_dropped if spec.val_fraction else [])]
     from_val = [*val.bad, *val_dropped] if val is not None and not spec.val_fraction else []

@@ -4,18 +4,39 @@ Parts: frozen weights at their precision (4-bit NF4 with double quantisation, 8-
 (float32), its gradients, the optimizer states (AdamW: two float32 moments per trainable parameter, 8-bit
 AdamW: two bytes), the activations kept for backward for one micro-batch, and the CUDA context.
 
-Activations per token and decoder layer are counted as 10·h + 4·I values in the compute dtype (h: hidden size,
-I: MLP width): layer inputs and norms, q/k/v and attention output, residuals, and the MLP's up/gate/activation
-tensors. LoRA dropout keeps one extra copy of each adapted layer's input. With gradient checkpointing only each
-layer's input (h values per token) is kept, plus one layer's full activations while it is recomputed.
+Activations are what autograd keeps for backward, counted per token and decoder layer from the module tree:
+- the two norms' float32 inputs (RMSNorm and LayerNorm compute in float32 whatever the weights' dtype): 2·h·4 bytes;
+- attention: q, k, v and its output (what a flash kernel keeps), the widths of the block's attention projections;
+- the MLP: each up-projection's output (kept by the activation or the product after it) and, for a gated MLP, the
+  activation's output: 3·I for Llama's gate/up/down;
+- the adapters: their input, once for the adapters that read the same one (the engine turns off PEFT's cast of
+  the input to the adapter's float32 under autocast, which the cast back undid, so q, k and v keep one tensor;
+  counted once per block, parent module and input width; with DoRA, whose math needs the cast, one copy per
+  adapter), the rank-wide product lora_B reads, with LoRA dropout its mask (a byte per input value), under mixed
+  precision autocast's copy of the weights. Frozen base layers keep nothing for backward: their weight is all
+  their input's gradient needs.
+The other values are in the compute dtype. tests/core/model/test_memory.py checks the count against the tensors
+torch's saved_tensors_hooks see in a real LoRA forward. With gradient checkpointing only each layer's input
+(h values per token) is kept, plus one layer's full activations while it is recomputed.
 
 The logits depend on the loss path. The model's own loss costs b·s·V·(2 + 4 + 4) bytes (the bf16 logits, their
-float32 upcast and the float32 log-softmax kept for backward). The engine's chunked loss on a GPU (losses.py, the
-default there) holds one chunk of LOSS_CHUNK_ELEMENTS logits at a time, in bf16, float32 softmax and bf16 gradient.
+float32 upcast and the float32 log-softmax kept for backward). The engine's chunked loss (losses.py, its default)
+holds one chunk of LOSS_CHUNK_ELEMENTS logits at a time, in bf16, float32 softmax and bf16 gradient.
+
+A 4-bit or 8-bit base keeps the same activations as a 16-bit one: bitsandbytes' matmul keeps no input (only the
+quantised weight, which is held anyway), and it dequantises one weight at a time for its product, forward and
+backward: the largest such weight in the compute dtype is added. Measured on an H200 (bench/bench_engine.py, 1B
+Llama shape, r=16 all-linear, 8 × 1024 tokens), QLoRA peaked at 23.1 GiB where this said 15.1: the engine then
+called PEFT's prepare_model_for_kbit_training, which casts the norms and embeddings to float32; bitsandbytes'
+Linear4bit returns its output in its input's dtype, so every projection's output and the MLP's I-wide tensors
+(the largest activations) were float32 too: about 6 GiB more. The engine no longer does that cast; for that
+workload this estimate now says 14.5 GiB (not measured again yet).
 
 Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
-model's own loss the measured peak was 28.5 GiB and this estimate says 25.3 GiB allocated; with the chunked loss
-the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled) and the estimate says 16.5 GiB.
+chunked loss the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled), while PEFT still copied each
+adapter's input; this count, with those copies, says 17.8 GiB (an earlier one, 10·h + 4·I values a token and
+layer and no adapters, said 16.5). Without the copies it says 15.8 GiB (not measured yet). With the model's own
+loss the peak was 28.5 GiB.
 
 On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch, plus the buckets in
 which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
@@ -49,6 +70,7 @@ FITS_SHARE = 0.85
 NF4_BYTES_PER_PARAM = (4 + 0.127) / 8  # 4-bit codes plus double-quantised absmax per 64-value block
 GIB = 2**30
 LOSS_CHUNK_ELEMENTS = 2**27  # losses.CHUNK_ELEMENTS (tests/core/model/test_memory.py keeps the two equal)
+NORMS = 2  # norms in a decoder layer (before attention and before the MLP), each keeping its float32 input
 
 
 @dataclass(frozen=True)
@@ -85,19 +107,38 @@ class Fit:
     advice: str  # one line: what to change when it does not fit, empty when it fits comfortably
 
 
-def _shape(tree: ModuleTree) -> tuple[int, int, int, int]:
-    """(layers, hidden, mlp width, vocab) read from the module tree, not from a table per architecture."""
+@dataclass(frozen=True)
+class _Shape:
+    layers: int
+    hidden: int
+    vocab: int
+    attention: int  # values a token keeps per layer in attention: q, k, v and the attention output
+    mlp: int  # values a token keeps per layer in the MLP: the up-projections' outputs, a gated one's product
+
+
+def _shape(tree: ModuleTree) -> _Shape:
+    """The decoder's shape read from the module tree (its first block), not from a table per architecture."""
     blocks = {info.block_index for info in tree.modules.values() if info.block_index is not None}
     embeddings = [i for i in tree.modules.values() if i.kind == "embedding"]
     vocab_embedding = max(embeddings, key=lambda i: i.in_features or 0, default=None)
     hidden = int(vocab_embedding.out_features or 0) if vocab_embedding else 0
     vocab = int(vocab_embedding.in_features or 0) if vocab_embedding else 0
-    widths = [
-        int(i.out_features or 0)
-        for i in tree.modules.values()
-        if i.kind in ("linear", "conv1d") and i.block_index is not None and not i.in_attention
-    ]
-    return len(blocks), hidden, max(widths, default=4 * hidden), vocab
+    first = min(blocks, default=None)
+    linears = [i for i in tree.modules.values() if i.kind in ("linear", "conv1d") and i.block_index == first]
+    # q, k, v (or a fused qkv) and the output projection: their widths add up to q + k + v + the attention output
+    attention = sum(int(i.out_features or 0) for i in linears if i.in_attention) or 4 * hidden
+    ups = [int(i.out_features or 0) for i in linears if not i.in_attention and i.out_features != hidden]
+    mlp = sum(ups) + (min(ups) if len(ups) > 1 else 0) if ups else 12 * hidden
+    return _Shape(len(blocks), hidden, vocab, attention, mlp)
+
+
+def _kept_inputs(tree: ModuleTree, plan: LoraPlan) -> int:
+    """Values per token the adapters keep as their inputs: one tensor for the adapters of a block that read the
+    same input (same parent module and input width: q, k and v; gate and up), one per adapter for DoRA."""
+    if plan.variant == "dora":
+        return sum(int(tree[n].in_features or 0) for n in plan.targets)
+    shared = {(tree[n].block_index, n.rpartition(".")[0], int(tree[n].in_features or 0)) for n in plan.targets}
+    return sum(width for _, _, width in shared)
 
 
 def estimate(
@@ -116,8 +157,8 @@ def estimate(
 ) -> MemoryEstimate:
     """Estimate the GPU memory of a run (of each GPU when `gpus` > 1; `batch_size` is per GPU). Cheap (a pass over
     the tree), safe to call on every slider move. `counts`: `plan.count(tree, plan)`, which the caller has already
-    made (the adapter panel shows it too). `chunked_loss`: the engine's one-GPU default; it does not apply when the
-    output head is adapted or saved, nor on several GPUs."""
+    made (the adapter panel shows it too). `chunked_loss`: the engine's one-process default; it does not apply when
+    the output head is adapted or saved, nor on several GPUs."""
     for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("number of GPUs", gpus)):
         if value < 1:
             raise PlanError(f"the {name} must be at least 1, got {value}")
@@ -137,23 +178,32 @@ def estimate(
     gradients = trainable * 4 * (2 if gpus > 1 else 1)  # DDP's all-reduce buckets: a second copy
     optimizer_bytes = trainable * (2 if optimizer == "adamw-8bit" else 8)
 
-    layers, hidden, width, vocab = _shape(tree)
+    shape = _shape(tree)
     tokens = batch_size * seq_len
-    dropout_copies = sum(int(tree[n].in_features or 0) for n in plan.targets) if plan.dropout > 0 else 0
-    per_layer = 10 * hidden + 4 * width + dropout_copies / max(layers, 1)
-    if gradient_checkpointing:
-        kept = tokens * (layers * hidden + per_layer) * dtype_bytes
+    # per token: the adapters' inputs and rank-wide products; with dropout, each adapter's mask (a byte a value)
+    adapted_inputs = sum(int(tree[n].in_features or 0) for n in plan.targets)
+    adapters = (_kept_inputs(tree, plan) + sum(plan.rank_of(n) for n in plan.targets)) * dtype_bytes
+    adapters += adapted_inputs if plan.dropout > 0 else 0
+    per_layer = NORMS * shape.hidden * 4 + (shape.attention + shape.mlp) * dtype_bytes
+    if gradient_checkpointing:  # each layer's input, and one layer's whole share while it is recomputed
+        kept = tokens * (shape.layers * shape.hidden * dtype_bytes + per_layer + adapters / max(shape.layers, 1))
     else:
-        kept = tokens * layers * per_layer * dtype_bytes
+        kept = tokens * (shape.layers * per_layer + adapters)
+    kept += tokens * shape.hidden * 4  # the final norm's float32 input
+    if dtype_bytes < 4:  # mixed precision: autocast's copies of the float32 adapter weights, kept for backward
+        kept += trainable * dtype_bytes
+    if quantization is not None:  # bitsandbytes dequantises one weight at a time for its matmul
+        kept += max((info.own_params for info in tree.modules.values() if info.kind in ("linear", "conv1d")
+                     and not info.is_output_head and not info.is_classifier_head), default=0) * dtype_bytes
     heads = {name for name, info in tree.modules.items() if info.is_output_head}
     changed = set(plan.targets) | set(plan.modules_to_save)  # modules_to_save may name leaves ("lm_head")
     head_changed = any(name in changed or tree[name].leaf in changed for name in heads)
     if tree.task != "causal-lm":
         logits = 0
     elif chunked_loss and not head_changed and gpus == 1:
-        logits = min(tokens * vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
+        logits = min(tokens * shape.vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
     else:
-        logits = tokens * vocab * (2 + 4 + 4)
+        logits = tokens * shape.vocab * (2 + 4 + 4)
     return MemoryEstimate(
         weights=int(weights),
         adapter=int(adapter),

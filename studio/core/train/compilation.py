@@ -23,14 +23,15 @@ COST_S = 40.0
 GAIN = 0.3
 
 
-def when(setting: bool | str, *, is_cuda: bool, quantized: bool, checkpointing: bool) -> tuple[str | None, str]:
-    """("now" | "probe" | None, why not): `probe` is `auto`'s measure-then-decide; the reason is "" when it can."""
+def when(setting: bool | str, *, is_cuda: bool, checkpointing: bool) -> tuple[str | None, str]:
+    """("now" | "probe" | None, why not): `probe` is `auto`'s measure-then-decide; the reason is "" when it can.
+    A 4-bit or 8-bit base is tried too (bitsandbytes registers its matmuls as torch custom ops); where the compiler
+    fails on it, the run falls back to eager (`CompilePolicy.fall_back`)."""
     import torch
 
     if setting is False:
         return None, ""
-    reason = ("it needs a CUDA GPU" if not is_cuda else "it does not cover a quantized base" if quantized
-              else "it does not cover gradient checkpointing" if checkpointing
+    reason = ("it needs a CUDA GPU" if not is_cuda else "it does not cover gradient checkpointing" if checkpointing
               else "it needs torch 2.6 or newer" if not hasattr(torch.compiler, "set_stance") else "")
     if reason:
         return None, reason
@@ -79,11 +80,11 @@ class CompilePolicy:
     eager steps; it keeps the compiled blocks, undoes them when the run ends (`undo`), and falls back to eager when
     the compiler, not the run, fails. `log(text, level)` tells the run's listeners."""
 
-    def __init__(self, setting: bool | str, model: Any, *, is_cuda: bool, quantized: bool, checkpointing: bool,
+    def __init__(self, setting: bool | str, model: Any, *, is_cuda: bool, checkpointing: bool,
                  undo: contextlib.ExitStack, log: Callable[[str, str], None]) -> None:
         self.model, self.undo, self.log = model, undo, log
         self.blocks: list[Any] = []
-        self.pending, why_not = when(setting, is_cuda=is_cuda, quantized=quantized, checkpointing=checkpointing)
+        self.pending, why_not = when(setting, is_cuda=is_cuda, checkpointing=checkpointing)
         self.step_times: list[float] = []  # `auto`'s probe: eager step times
         if why_not and setting is True:
             log(f"compile_layers is off for this run: {why_not}", "warning")

@@ -6,9 +6,10 @@ runs AdamW with warmup and a cosine/linear schedule (optimization.py). It report
 pause requests from `control` (control.py); both leave a checkpoint (checkpoints.py) that `resume` continues
 exactly (adapter weights, optimizer, scheduler, RNG states and the data position, which is a function of the step).
 
-On a CUDA GPU the defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full
-logits (losses.py, `fused_loss`) and, once a run is long enough to repay compiling, torch.compile on each decoder
-layer (compilation.py, `compile_layers`). A step syncs the host once, after backward, to read its loss and norm.
+The defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full logits, over
+the tokens that carry loss only (losses.py, `fused_loss`); on a CUDA GPU, once a run is long enough to repay
+compiling, torch.compile on each decoder layer (compilation.py, `compile_layers`); on the CPU, LoRA's dropout masks
+drawn sparsely (dropout.py). A step syncs the host once, after backward, to read its loss and norm.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class _Run:
     batches: Batches
     fused: bool  # the chunked loss (losses.py) instead of the model's own
     compile: Any  # compilation.CompilePolicy
+    attention: Any  # attention.TrainingAttention
     pad_id: int
     is_lm: bool
 
@@ -218,7 +220,7 @@ class _Run:
 def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path, checkpoint: Path | None,
            loaded: Any | None, state: RunState, undo: contextlib.ExitStack) -> _Run:
     """Open the model, wrap it with PEFT, prepare the data, the optimizer and the fast path; load the checkpoint."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     from studio.core.adapters.folder import plan_of_adapter
     from studio.core.data import dataset as datamod
@@ -252,9 +254,10 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     validate(tree, plan)
     counts = count(tree, plan)
     model = loaded.model
-    if loaded.quantization:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    elif t.gradient_checkpointing:
+    # A 4/8-bit base needs nothing more than a 16-bit one (get_peft_model freezes the base). PEFT's
+    # prepare_model_for_kbit_training is not called: it casts every unquantized weight (embeddings, norms) to
+    # float32, so the whole residual stream ran in float32, slower than HF Trainer + PEFT (which skips it too).
+    if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if config.model.adapter:
@@ -264,6 +267,14 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     else:
         peft_model = get_peft_model(model, to_peft_config(plan, tree))
     loaded.model = peft_model  # the caller's LoadedModel now holds the trained adapter model
+    if device == "cpu":  # torch draws dropout masks serially there (dropout.py): the same law, drawn sparsely
+        from studio.core.train.dropout import use_sparse_dropout
+
+        undo.callback(use_sparse_dropout(peft_model))
+    if precision in ("bf16", "fp16") and plan.variant != "dora":
+        # under autocast an adapter reads its input as it is: PEFT would cast it to the adapter's float32 and
+        # autocast back (the same values), a copy per adapter kept for backward (DoRA's math depends on the cast)
+        undo.enter_context(_adapter_inputs_uncast(peft_model))
 
     # -- data
     tokenizer = loaded.tokenizer
@@ -304,25 +315,30 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     ))
     if checkpoint is not None:
         emit(ev.Resumed(state.step))
+    packed = prepared.train.piece_starts is not None
     batches = Batches(prepared.train, lambda examples: datamod.collate(examples, pad_id), batch_size=t.batch_size,
                       accumulation=t.gradient_accumulation, world=accelerator.num_processes,
-                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm)
+                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm,
+                      lengths=prepared.train.lengths if t.group_by_length and not packed else None)
 
     # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
     is_cuda = accelerator.device.type == "cuda"
     # the chunked loss runs the decoder past DDP's forward, which then would not synchronise the gradients
-    fused = is_lm and procs.world == 1 and _fused_loss_on(t.fused_loss, peft_model, is_cuda, precision, emit)
+    fused = is_lm and procs.world == 1 and _fused_loss_on(t.fused_loss, peft_model, precision, emit)
     if fused:  # one row, checked against the model's own loss before the first step
         row = {k: v[:1].to(accelerator.device) for k, v in batches.for_step(state.step).micro[0].items()}
         labels = row.pop("labels")
         if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
             emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
             fused = False
+    training_attention = _training_attention(t.attention if is_lm else "sdpa", peft_model, batches.for_step(state.step),
+                                             accelerator, is_cuda, packed=packed, emit=emit)
+    undo.callback(training_attention.restore)
     compile_policy = compilation.CompilePolicy(
-        t.compile_layers, peft_model, is_cuda=is_cuda, quantized=bool(loaded.quantization),
-        checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
+        t.compile_layers, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing, undo=undo,
+        log=lambda text, level: emit(ev.LogMessage(text, level)))
     return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler,
-                params, prepared, batches, fused, compile_policy, pad_id, is_lm)
+                params, prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
 
 def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | ev.Failed:
@@ -373,14 +389,16 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
         request = read_request(run.run_dir) if procs.world > 1 and procs.is_main else None
         peak = torch.cuda.max_memory_allocated(accelerator.device) if run.is_cuda else 0
         row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
-        row = torch.cat([row, torch.tensor([batch.tokens, peak, control.stop_requested or request == "stop",
+        row = torch.cat([row, torch.tensor([batch.tokens, batch.positions, peak,
+                                            control.stop_requested or request == "stop",
                                             control.pause_requested or request == "pause"],
                                            dtype=torch.float64).to(row.device, non_blocking=True)])
         rows = procs.gather_rows(row)
         loss_sum = sum(r[0] for r in rows) / len(rows)  # each process's loss is scaled to the global token count
         grad_norm = rows[0][1]
         tokens = int(sum(r[2] for r in rows))
-        agreed = (any(r[4] for r in rows), any(r[5] for r in rows))
+        positions = int(sum(r[3] for r in rows))
+        agreed = (any(r[5] for r in rows), any(r[6] for r in rows))
         if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             raise DivergedError(
                 f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
@@ -401,21 +419,22 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
             tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
             tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
             eta_s=state.elapsed_s / state.step * (t.max_steps - state.step),
-            gpu_mem_bytes=int(max(r[3] for r in rows)) if run.is_cuda else None,
-            gpu_mem_per_device=tuple(int(r[3]) for r in rows) if run.is_cuda and procs.world > 1 else None,
+            gpu_mem_bytes=int(max(r[4] for r in rows)) if run.is_cuda else None,
+            gpu_mem_per_device=tuple(int(r[4]) for r in rows) if run.is_cuda and procs.world > 1 else None,
+            token_efficiency=tokens / positions if positions else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
             if procs.is_main:  # every process holds the same adapter weights
                 emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            with run.compile.eager():
+            with run.compile.eager(), run.attention.plain():
                 _evaluate(run, emit)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
 
     if run.prepared.val:
-        with run.compile.eager():
+        with run.compile.eager(), run.attention.plain():
             _evaluate(run, emit)
     if t.spectrum_every and procs.is_main:
         emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
@@ -426,8 +445,8 @@ def _on_device(run: _Run, batch: StepBatch) -> StepBatch:
     """The step's micro-batches copied to the device without blocking the host (losses.to_device)."""
     from studio.core.train import losses
 
-    return StepBatch([losses.to_device(b, run.accelerator.device, run.fused) for b in batch.micro],
-                     batch.label_tokens, batch.tokens)
+    return replace(batch, micro=[losses.to_device(b, run.accelerator.device, run.fused, run.attention.name)
+                                 for b in batch.micro])
 
 
 def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
@@ -457,17 +476,57 @@ def _save_checkpoint(run: _Run) -> Path:
     return path
 
 
-def _fused_loss_on(setting: bool | str, model: Any, is_cuda: bool, precision: str, emit: ev.Recorder) -> bool:
-    """auto: on a CUDA GPU, for models whose head the chunked loss reproduces (losses.blocker)."""
+def _fused_loss_on(setting: bool | str, model: Any, precision: str, emit: ev.Recorder) -> bool:
+    """auto: for models whose head the chunked loss reproduces (losses.blocker), on a GPU and on the CPU alike (the
+    head runs only where a token carries loss: on the built-in demo's prompts and answers the CPU steps 25% faster)."""
     from studio.core.train import losses
 
-    if setting is False or (setting == "auto" and not is_cuda):
+    if setting is False:
         return False
     # fp16 scales the loss; the gradient the chunked loss computes ahead of backward would underflow unscaled
     reason = "fp16 needs the loss scale before the gradient" if precision == "fp16" else losses.blocker(model)
     if reason and setting is True:
         emit(ev.LogMessage(f"fused_loss is off for this run: {reason}", "warning"))
     return reason is None
+
+
+def _training_attention(setting: str, model: Any, first: StepBatch, accelerator: Any, is_cuda: bool, *, packed: bool,
+                        emit: ev.Recorder) -> Any:
+    """The attention the training steps run with (attention.py): the first candidate that passes its check on a
+    packed row of the first batch; SDPA when none does."""
+    from studio.core.train import attention
+
+    names = attention.candidates(setting, is_cuda=is_cuda, packed=packed)
+    if setting not in ("auto", names[0]):
+        emit(ev.LogMessage(f"attention {setting} is off for this run: {attention.available(setting, is_cuda=is_cuda)}",
+                           "warning"))
+    chosen = attention.SDPA
+    if len(names) > 1:
+        import torch
+
+        micro = first.micro[0]
+        ids = micro["input_ids"][:1]
+        positions = micro["position_ids"][:1] if "position_ids" in micro else torch.arange(ids.shape[1])[None]
+        row = {"input_ids": ids.to(accelerator.device), "position_ids": positions.to(accelerator.device)}
+        labels = micro["labels"][:1].to(accelerator.device)
+        for name in names[:-1]:
+            why_not = attention.check(model, name, row, labels, accelerator.autocast)
+            if why_not is None:
+                chosen = name
+                break
+            emit(ev.LogMessage(f"attention {name} is off for this run: {why_not}",
+                               "warning" if setting == name else "info"))
+    if chosen != attention.SDPA:
+        emit(ev.LogMessage(f"attention: {chosen} (packed rows without a dense mask)"))
+    return attention.TrainingAttention(model, chosen)
+
+
+def _adapter_inputs_uncast(model: Any) -> contextlib.AbstractContextManager:
+    """PEFT's switch for its adapters' input casting (peft.helpers; a no-op where this PEFT lacks it)."""
+    from peft import helpers
+
+    switch = getattr(helpers, "disable_input_dtype_casting", None)
+    return switch(model) if switch is not None else contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:

@@ -104,18 +104,33 @@ def step_loss(model: Any, batch: dict[str, Any], label_tokens: float, micro: int
     return model(**batch).loss / micro
 
 
-def to_device(batch: dict[str, Any], device: Any, fused: bool) -> dict[str, Any]:
-    """On CUDA through pinned memory, so the copy does not wait for the GPU. For the chunked loss the labels become
-    the counted positions and their tokens (found here, on the CPU), and a mask without padding is left out:
-    transformers would sum it on the GPU (a sync) only to drop it."""
+def to_device(batch: dict[str, Any], device: Any, fused: bool, attention: str = "sdpa") -> dict[str, Any]:
+    """On CUDA through pinned memory, so the copy does not wait for the GPU. A language-modelling batch loses its
+    mask when its padding is all on the right, where causal attention never looks: transformers would otherwise
+    build a dense mask (SDPA then cannot take its flash kernel), or sum it on the GPU (a sync) only to drop it. For
+    the chunked loss the labels become the counted positions and their tokens (found here, on the CPU); for varlen
+    attention the batch gains its sequences' cumulative lengths (attention.to_kwargs)."""
+    from studio.core.train import attention as attention_
+
+    batch = dict(batch)
+    mask = batch.get("attention_mask")
+    if mask is not None and batch["labels"].dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        del batch["attention_mask"]
+    if attention == attention_.VARLEN:
+        rows, width = batch["input_ids"].shape
+        positions = batch.get("position_ids", torch.arange(width).expand(rows, width))
+        batch.update(attention_.to_kwargs(positions))
     if fused:
-        batch = dict(batch)
         batch["positions"], batch["targets"] = select_targets(batch.pop("labels"))
-        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
-            del batch["attention_mask"]
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    else:
+        moved = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+    if "cu_seq_lens_q" in moved:  # one tensor for both; its length (the batch's sequences) varies from batch to batch
+        moved["cu_seq_lens_k"] = moved["cu_seq_lens_q"]
+        torch._dynamo.maybe_mark_dynamic(moved["cu_seq_lens_q"], 0)
+    return moved
 
 
 def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor,

@@ -20,8 +20,9 @@ def build_optimizer(params: list[Any], t: Any, device: str) -> Any:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # the fused step (one kernel over all tensors) exists for CUDA and the CPU; elsewhere torch's default
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                             fused=device.startswith("cuda"))
+                             fused=device.startswith(("cuda", "cpu")) or None)
 
 
 def build_scheduler(optimizer: Any, t: Any) -> Any:

@@ -78,7 +78,8 @@ def test_a_changed_file_tokenizer_or_setting_misses_the_cache(tmp_path, data_cac
     assert len(list(data_cache.glob("*.npz"))) == 5
 
 
-def test_the_cache_keeps_only_the_most_recently_used_entries_within_its_size(tmp_path, data_cache, default_tokenizer, monkeypatch):
+def test_the_cache_keeps_only_the_most_recently_used_entries_within_its_size(tmp_path, data_cache, default_tokenizer,
+                                                                               monkeypatch):
     monkeypatch.setattr(cache, "MAX_ENTRIES", 2)
     path = instruction_rows(tmp_path / "d.jsonl", 5)
     for length in (200, 201, 202):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from studio.core.model import inventory, memory
 from studio.core.model.plan import LoraPlan, count
 
@@ -17,9 +19,12 @@ def test_estimate_parts_follow_the_plan_and_precision(default_model):
     assert nf4.weights < bf16.weights * 0.7  # the linear layers shrink ~4x; embeddings stay 16-bit
     assert checkpointed.activations < bf16.activations / 2  # the logits are not checkpointed
     assert bf16.total == sum(value for _, value in bf16.parts())
+    smaller = memory.estimate(tree, plan, counts, batch_size=2, seq_len=512, chunked_loss=False)
     own_loss = memory.estimate(tree, plan, counts, batch_size=4, seq_len=512, chunked_loss=False)
     bigger = memory.estimate(tree, plan, counts, batch_size=8, seq_len=512, chunked_loss=False)
-    assert bigger.activations == 2 * own_loss.activations  # with the model's own loss, everything grows per token
+    # with the model's own loss, everything grows per token but autocast's bf16 copy of the adapter weights
+    assert bigger.activations - own_loss.activations == 2 * (own_loss.activations - smaller.activations)
+    assert own_loss.activations - 2 * (own_loss.activations - smaller.activations) == trainable * 2
 
 
 def test_the_chunked_loss_holds_one_chunk_of_logits_unless_the_head_is_adapted(default_model):
@@ -82,3 +87,42 @@ def test_on_several_gpus_each_holds_the_whole_run_plus_ddp_gradient_buckets_and_
     assert each_of_two.weights == one.weights and each_of_two.optimizer == one.optimizer
     assert each_of_two.gradients == 2 * one.gradients  # the gradients and DDP's all-reduce buckets
     assert each_of_two.activations == one.activations  # several GPUs train on the model's own loss
+
+
+@pytest.mark.parametrize("heads, kv_heads, targets", [(8, 2, "all-linear"), (4, 4, "attention")])
+def test_activations_are_what_autograd_keeps_in_a_lora_forward(heads, kv_heads, targets):
+    """The estimate's activations against the tensors torch's saved_tensors_hooks see (parameters aside) in a real
+    PEFT LoRA forward of a small Llama under bf16 autocast, as the engine runs it (PEFT's input cast off): norms,
+    attention, the gated MLP, the adapters' shared inputs. The targets include every layer's attention, so that
+    gradients reach the first layer too."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from studio.core.model.plan import to_peft_config
+
+    config = LlamaConfig(hidden_size=32 * heads, intermediate_size=600, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    tree = inventory.build(model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, targets)), rank=4, alpha=8, dropout=0.0)
+    batch, seq = 2, 64
+    estimated = memory.estimate(tree, plan, count(tree, plan), batch_size=batch, seq_len=seq).activations
+    estimated -= min(batch * seq * 256, memory.LOSS_CHUNK_ELEMENTS) * 8  # the loss's chunk: the decoder alone below
+    from peft.helpers import disable_input_dtype_casting
+
+    peft_model = get_peft_model(model, to_peft_config(plan, tree))
+    weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with (disable_input_dtype_casting(peft_model),  # as the engine trains under autocast
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), torch.autocast("cpu", torch.bfloat16)):
+        peft_model.get_base_model().model(input_ids=torch.randint(0, 256, (batch, seq)), use_cache=False)
+    assert sum(kept.values()) == pytest.approx(estimated, rel=0.05)

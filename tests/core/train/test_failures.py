@@ -14,7 +14,8 @@ from studio.core.train.failures import failure_line
 
 
 def config(**training) -> RunConfig:
-    return RunConfig(model=ModelConfig(), plan={"targets": "q_proj"}, data={"train_path": "x.jsonl", "max_length": 1024},
+    return RunConfig(model=ModelConfig(), plan={"targets": "q_proj"},
+                     data={"train_path": "x.jsonl", "max_length": 1024},
                      training=TrainingConfig(batch_size=8, **training))
 
 

@@ -88,6 +88,30 @@ def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
     assert spectra[-1].modules and spectra[-1].modules[0].values[0] > 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_keeps_the_stream_in_bf16_and_compiles_to_the_eager_losses(model_folder, tmp_path):
+    """A 4-bit base trains with its embeddings and norms in bf16 (no float32 upcast of the residual stream), and
+    compiled decoder layers (or, where the compiler fails on bitsandbytes, eager ones after a warning) give the
+    eager run's losses."""
+    from studio.core.model.loading import open_model
+
+    losses, logs = {}, {}
+    for name, compile_layers in (("eager", False), ("compiled", True)):
+        loaded = open_model(str(model_folder), device="cuda", quantization="4bit")
+        result, events = run(model_folder, tmp_path / name, dict(max_steps=6, save_every=0, spectrum_every=0,
+                                                                  compile_layers=compile_layers), loaded=loaded,
+                             quantization="4bit")
+        assert isinstance(result, ev.Finished), result
+        base = loaded.model.get_base_model()
+        assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert all(p.dtype != torch.float32 for n, p in base.named_parameters() if "norm" in n)
+        losses[name] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[name] = [e.text for e in events if isinstance(e, ev.LogMessage)]
+    assert any("compiling 4 decoder layers" in text for text in logs["compiled"])
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert losses["eager"][-1] < losses["eager"][0]
+
+
 def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folder, tmp_path, monkeypatch):
     """Chunked loss and compiled decoder layers against the model's own loss and eager layers, step by step (bf16
     rounding apart). `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on
@@ -116,6 +140,66 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
     assert losses["plain"][-1] < losses["plain"][0]
     layers = loaded.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
+
+
+@pytest.mark.parametrize("name", ["varlen", "flex_attention"])
+def test_packed_rows_keep_their_examples_apart_on_each_gpu_attention(model_folder, name):
+    """Each example's logits in a packed row (bf16, through the engine's batch path) against the example alone."""
+    from studio.core.data.dataset import Example, collate, pack
+    from studio.core.model.loading import open_model
+    from studio.core.train import attention, losses
+
+    if attention.available(name, is_cuda=True):
+        pytest.skip(attention.available(name, is_cuda=True))
+    model = open_model(str(model_folder), device="cuda").model.eval()
+    generator = torch.Generator().manual_seed(0)
+    items = [Example(tuple(ids), tuple(ids), len(ids)) for ids in
+             (torch.randint(3, 40000, (n,), generator=generator).tolist() for n in (50, 90, 30, 70, 60))]
+    rows = list(pack(items, 160))
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected = {e.input_ids: model(input_ids=torch.tensor([e.input_ids], device="cuda"),
+                                       use_cache=False).logits[0].float() for e in items}
+        attention.set_implementation(model, name)
+        batch = losses.to_device(collate(rows, 0), torch.device("cuda"), fused=False, attention=name)
+        batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits.float()
+    found = 0
+    for row, packed in enumerate(rows):
+        starts = [i for i, p in enumerate(packed.position_ids) if p == 0] + [len(packed.input_ids)]
+        for start, end in zip(starts, starts[1:]):
+            own = expected[packed.input_ids[start:end]]
+            assert (logits[row, start:end] - own).abs().max() <= 0.02 * own.abs().max(), (name, row, start)
+            found += 1
+    assert found == len(items)
+
+
+def test_packed_runs_give_the_same_losses_on_every_attention(model_folder, tmp_path):
+    """A packed run trained with varlen and with FlexAttention against SDPA's dense mask; `auto` takes the first
+    that passes its check, and says so."""
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox " * (1 + i % 9)}) + "\n" for i in range(96)))
+    losses, logs = {}, {}
+    for setting in ("sdpa", "varlen", "flex_attention", "auto"):
+        config = RunConfig(
+            model=ModelConfig(source=str(model_folder), device="cuda"),
+            plan={"targets": "all-linear", "rank": 8, "alpha": 16, "dropout": 0.0},
+            data={"train_path": str(data), "format": "text", "max_length": 128, "packing": True},
+            training=TrainingConfig(max_steps=6, batch_size=4, learning_rate=5e-3, eval_every=0, save_every=0,
+                                    spectrum_every=0, warmup_ratio=0.0, attention=setting),
+            output_dir=str(tmp_path / setting),
+        )
+        events: list = []
+        assert isinstance(train(config, events.append), ev.Finished)
+        losses[setting] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+        logs[setting] = [e.text for e in events if isinstance(e, ev.LogMessage)]
+    from studio.core.train import attention
+
+    for setting in ("varlen", "flex_attention", "auto"):
+        assert losses[setting] == pytest.approx(losses["sdpa"], rel=1e-2), (setting, logs[setting])
+    for setting in ("varlen", "flex_attention"):  # trained with it, not fallen back to SDPA
+        if attention.available(setting, is_cuda=True) is None:
+            assert f"attention: {setting} (packed rows without a dense mask)" in logs[setting], logs[setting]
+    assert any(text.startswith("attention: ") for text in logs["auto"]), logs["auto"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
