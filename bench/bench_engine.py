@@ -124,6 +124,14 @@ def mfu(tokens_per_s: float, shape: dict, seq: int, peak: float | None) -> float
     return tokens_per_s * flops_per_token(shape, seq) / peak if peak else None
 
 
+def json_or_none(line: str):
+    """The JSON value on `line`, or None: HF Trainer prints its summary as a Python dict, which is not JSON."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 # -- the baselines -----------------------------------------------------------------------------------------------------
 def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None = None,
                     device: str = "cuda") -> list[dict]:
@@ -152,7 +160,7 @@ def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None 
         f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
     done = subprocess.run([sys.executable, "-c", launcher], env=dict(os.environ, **env), capture_output=True, text=True)
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    lines = [record for record in map(json_or_none, done.stdout.splitlines()) if isinstance(record, dict)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"baseline {Path(script).name} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return lines

@@ -157,7 +157,7 @@ def check(model: Any, name: str, row: dict[str, torch.Tensor], labels: torch.Ten
         with autocast():
             loss = model(**inputs, labels=labels, use_cache=False).loss
         loss.backward()
-        ours = float(loss)
+        ours = float(loss.detach())
     except Exception as exc:  # noqa: BLE001 - a kernel this GPU or this torch lacks: the next candidate trains
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:

@@ -258,7 +258,11 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     # prepare_model_for_kbit_training is not called: it casts every unquantized weight (embeddings, norms) to
     # float32, so the whole residual stream ran in float32, slower than HF Trainer + PEFT (which skips it too).
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x renamed it; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     if config.model.adapter:
         from studio.core.adapters.loading import load_adapter
