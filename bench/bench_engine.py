@@ -168,9 +168,9 @@ def launch_baseline(script: str, argv: list[str], env: dict, shape: dict | None 
 
 # -- the engine --------------------------------------------------------------------------------------------------------
 def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch: int, variant: str,
-               mode: str = "lora", loaded=None, **training) -> dict:
+               mode: str = "lora", loaded=None, listener=None, **training) -> dict:
     """One engine run; its step metrics summarised. `training`: more TrainingConfig fields, and `data_settings`
-    for more data fields."""
+    for more data fields. `listener`, if given, sees every event as it comes (bench/profile_engine.py)."""
     import torch
 
     from studio.core import events as ev
@@ -191,9 +191,15 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
         output_dir=str(out),
     )
     events: list = []
+
+    def on_event(event) -> None:
+        events.append(event)
+        if listener is not None:
+            listener(event)
+
     torch.cuda.synchronize()
     began = time.perf_counter()
-    result = train(config, events.append, loaded=loaded)
+    result = train(config, on_event, loaded=loaded)
     torch.cuda.synchronize()
     wall = time.perf_counter() - began
     if isinstance(result, ev.Failed):
@@ -203,7 +209,8 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
     all_steps = [e for e in events if isinstance(e, ev.StepMetrics)]
     steady = all_steps[5:] or all_steps
     step_s = [(b.elapsed_s - a.elapsed_s) for a, b in zip([None, *all_steps], all_steps) if a is not None]
-    del events, result
+    events.clear()
+    del result
     release()
     return {
         "variant": variant,
