@@ -25,18 +25,13 @@ holds one chunk of LOSS_CHUNK_ELEMENTS logits at a time, in bf16, float32 softma
 
 A 4-bit or 8-bit base keeps the same activations as a 16-bit one: bitsandbytes' matmul keeps no input (only the
 quantised weight, which is held anyway), and it dequantises one weight at a time for its product, forward and
-backward: the largest such weight in the compute dtype is added. Measured on an H200 (bench/bench_engine.py, 1B
-Llama shape, r=16 all-linear, 8 × 1024 tokens), QLoRA peaked at 23.1 GiB where this said 15.1: the engine then
-called PEFT's prepare_model_for_kbit_training, which casts the norms and embeddings to float32; bitsandbytes'
-Linear4bit returns its output in its input's dtype, so every projection's output and the MLP's I-wide tensors
-(the largest activations) were float32 too: about 6 GiB more. The engine no longer does that cast; for that
-workload this estimate now says 14.5 GiB (not measured again yet).
+backward: the largest such weight in the compute dtype is added.
 
-Checked on an H100 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024 tokens, bf16): with the
-chunked loss the peak was 18.4 GiB (13.7 GiB once the decoder layers are compiled), while PEFT still copied each
-adapter's input; this count, with those copies, says 17.8 GiB (an earlier one, 10·h + 4·I values a token and
-layer and no adapters, said 16.5). Without the copies it says 15.8 GiB (not measured yet). With the model's own
-loss the peak was 28.5 GiB.
+Checked against the measured peak on an H200 (bench/bench_engine.py: Llama-3.2-1B shape, r=16 all-linear, 8 × 1024
+tokens, bf16, the chunked loss, eager layers): LoRA 15.8 GiB estimated against 16.4 measured, QLoRA 14.5 against
+15.0. (QLoRA once peaked at 23.1 GiB: PEFT's prepare_model_for_kbit_training, which the engine no longer calls,
+made the norms float32, and bitsandbytes' Linear4bit then returned float32 outputs.) Compiled layers keep less
+(13.2 GiB for LoRA); with the model's own loss the peak was 28.5 GiB.
 
 On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch, plus the buckets in
 which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
