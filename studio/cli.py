@@ -162,7 +162,8 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus", type=int, help="train on N GPUs of this machine (N processes; with model.device: cpu, "
                        "N CPU processes)")
     group.add_argument("--accelerate-config", metavar="FILE",
-                       help="an accelerate config file (DDP), or `ddp` for the shipped one (the default)")
+                       help="an accelerate config file (DDP or FSDP), or `ddp` / `fsdp` for a shipped one (default: "
+                       "`ddp`)")
     group.add_argument("--nodes", type=int, default=1, help="machines taking part (run the same command on each)")
     group.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nodes (0: the main one)")
     group.add_argument("--main-address", default="127.0.0.1", help="node 0's address, reachable from every node")

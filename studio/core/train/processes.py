@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,10 +27,14 @@ class Processes:
     """One process's view of the group (a single process is a group of one)."""
 
     def __init__(self, accelerator: Any) -> None:
+        from accelerate.utils import DistributedType
+
         self.accelerator = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
+        # FSDP (sharding.py): each process holds a slice of the model, and every forward is a collective
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
 
     def agree(self, value: Any) -> Any:
         """The main process's `value`, on every process."""
@@ -59,6 +64,11 @@ class Processes:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(items)))
+
+    def rounds(self, items: int, batch_size: int) -> int:
+        """Under FSDP, the batches every process runs over its `shard` of `items`: as many as the largest share
+        needs, since each forward is a collective; 0 otherwise (each runs its own share's)."""
+        return math.ceil(math.ceil(items / self.world) / batch_size) if self.sharded else 0
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This process's share of `items` (every world-th item from its rank on): shares differ by one at most."""
