@@ -156,7 +156,8 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
-        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}`"
+        settings = f" --accelerate-config {launch.config_file}" if launch.config_file else ""
+        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}{settings}`"
     step = read_state(checkpoint).step if checkpoint is not None else 0
     failed = ev.Failed(message, step, str(checkpoint) if checkpoint is not None else None)
     if is_run_folder(run_dir):
