@@ -214,7 +214,8 @@ class _Run:
     state: RunState
     procs: Processes
     accelerator: Any
-    model: Any  # as accelerate wrapped it (DDP under several processes): forward and backward go through it
+    model: Any  # as accelerate wrapped it (DDP under several processes; under FSDP the PeftModel itself, sharded in
+    # place): forward and backward go through it
     trainable: Any  # the PeftModel itself: saved, evaluated, measured
     tokenizer: Any
     optimizer: Any
@@ -366,12 +367,13 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     training_attention = _training_attention(attention_setting, peft_model, batches.for_step(state.step),
                                              accelerator, is_cuda, packed=packed, emit=emit)
     undo.callback(training_attention.restore)
-    if procs.sharded and (t.attention not in ("auto", "sdpa") or t.compile_layers is True):
+    if procs.sharded:
+        asked = t.attention not in ("auto", "sdpa") or t.compile_layers is True
         emit(ev.LogMessage("under FSDP the run uses SDPA attention and eager decoder layers (attention and "
-                           "compile_layers are set aside)", "warning"))
+                           "compile_layers are set aside)", "warning" if asked else "info"))
     compile_policy = compilation.CompilePolicy(
-        t.compile_layers and not procs.sharded, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing,
-        undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
+        False if procs.sharded else t.compile_layers, peft_model, is_cuda=is_cuda,
+        checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
     return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler,
                 params, prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
