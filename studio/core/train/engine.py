@@ -369,8 +369,10 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     undo.callback(training_attention.restore)
     if procs.sharded:
         asked = t.attention not in ("auto", "sdpa") or t.compile_layers is True
-        emit(ev.LogMessage("under FSDP the run uses SDPA attention and eager decoder layers (attention and "
-                           "compile_layers are set aside)", "warning" if asked else "info"))
+        held, whole = sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+        emit(ev.LogMessage(f"FSDP: each of the {procs.world} processes holds a slice of every weight (the main one "
+                           f"{held:,} of {whole:,} parameters); SDPA attention and eager decoder layers (attention "
+                           "and compile_layers are set aside)", "warning" if asked else "info"))
     compile_policy = compilation.CompilePolicy(
         False if procs.sharded else t.compile_layers, peft_model, is_cuda=is_cuda,
         checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))

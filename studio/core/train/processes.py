@@ -6,6 +6,9 @@
 - What the processes must agree on is decided once and shared: the run folder (its name holds the time, which
   differs between processes by a second at the wrong moment), a stop or a pause (all stop after the same step, or
   the ones still stepping would wait forever for the others).
+- Under FSDP (sharding.py) each process holds a slice of the model and every forward gathers weights from all of
+  them: what one process runs, all run (validation and generation the same number of batches, `rounds`), and what
+  needs whole adapter weights (saving, checkpoints, spectra) gathers them in a step every process joins.
 - A caller outside the processes (the CLI's `--gpus`, the window) asks for a stop or a pause by writing the run
   folder's control file; the main process reads it between steps and the request reaches every process with the
   step's metrics.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,9 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
     assert result.returncode == 0, result.stderr
     records = read_records(run_dir)
     assert next(r for r in records if r["event"] == "RunStarted")["processes"] == 2
+    said = next(r["text"] for r in records if r["event"] == "LogMessage" and r["text"].startswith("FSDP: "))
+    held, whole = (int(n.replace(",", "")) for n in re.search(r"main one ([\d,]+) of ([\d,]+) param", said).groups())
+    assert 0 < held <= whole / 2 + 100  # a slice of each weight (a row more where its rows are odd)
     # the optimizer state was gathered from the shards: keyed by parameter name, plain tensors of whole shape
     optimizer = load_tensors(run_dir / "checkpoints" / "step-4" / "optimizer.pt")
     moments = optimizer["state"]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
