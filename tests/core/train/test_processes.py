@@ -190,8 +190,9 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
     from studio.core.train.checkpoints import load_tensors
 
     run_dir = tmp_path / "fsdp"
-    result = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2)), "--gpus", "2", "--accelerate-config",
-                  "fsdp", "--run-dir", str(run_dir))
+    # 33 scored examples: shares of 17 and 16, so one process generates a batch of 16 more and the other, a stand-in
+    result = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2, eval_examples=33)), "--gpus", "2",
+                  "--accelerate-config", "fsdp", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     records = read_records(run_dir)
     assert next(r for r in records if r["event"] == "RunStarted")["processes"] == 2
@@ -205,14 +206,15 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
 
     loaded = open_model(str(tiny_model_folder), device="cpu")
     one: list = []
-    finished = train(load(_run_file(tmp_path, tiny_model_folder, 4)), one.append, run_dir=tmp_path / "one",
-                     loaded=loaded)
+    finished = train(load(_run_file(tmp_path, tiny_model_folder, 4, eval_examples=33)), one.append,
+                     run_dir=tmp_path / "one", loaded=loaded)
     assert isinstance(finished, ev.Finished), finished
     expected = {e.step: e.loss for e in one if isinstance(e, ev.StepMetrics)}
     assert _losses(run_dir) == pytest.approx(expected, rel=1e-4)
     scores = [r for r in records if r["event"] == "EvalMetrics"]
-    assert [r["val_loss"] for r in scores] == pytest.approx(
-        [e.val_loss for e in one if isinstance(e, ev.EvalMetrics)], rel=1e-4)
+    one_scores = [e for e in one if isinstance(e, ev.EvalMetrics)]
+    assert [r["val_loss"] for r in scores] == pytest.approx([e.val_loss for e in one_scores], rel=1e-4)
+    assert [r["score"] for r in scores] == [e.score for e in one_scores]
     spectra = [json.loads(line) for line in (run_dir / "spectra.jsonl").read_text().splitlines()]
     one_spectra = [e for e in one if isinstance(e, ev.SpectrumSnapshot)]
     assert [s["step"] for s in spectra] == [e.step for e in one_spectra] == [1, 4, 6]
