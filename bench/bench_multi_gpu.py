@@ -10,6 +10,17 @@ Both sides of each comparison run the same path (`fused_loss` and `compile_layer
 is the GPUs' doing. Prints a table and one JSON line.
 
     python bench/bench_multi_gpu.py --tokenizer TOKENIZER_DIR [--gpus 2] [--steps 30] [--variant plain|compiled]
+
+--fsdp runs another part instead: DDP against FSDP (resources/accelerate/fsdp.yaml) on the same N GPUs, batch B each,
+the plain path (FSDP sets compiling aside), both sides from one saved initial adapter (PEFT draws LoRA's A matrices
+where the base is: on the GPU under DDP, in host memory under FSDP, so fresh runs would start apart):
+  tokens/s and each GPU's peak memory (torch.cuda.max_memory_allocated) under each, beside the memory estimate
+  (`lora-studio count --gpus N [--fsdp]`, allocated part), and the losses of FSDP against DDP step by step.
+The 1B shape's weights are 2.5 GB in bf16 and its activations at 8 × 1024 tokens far more, so FSDP's saving shows
+best at a small batch with gradient checkpointing, and on a bigger base (--shape 8b: Llama-3.1-8B's, 16 GB):
+
+    python bench/bench_multi_gpu.py --tokenizer TOKENIZER_DIR --gpus 2 --fsdp --batch 1 --gradient-checkpointing \
+        [--shape 8b]
 """
 
 from __future__ import annotations
@@ -28,20 +39,22 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import build_model_folder, write_text_data  # noqa: E402
+from bench_engine import SHAPE, SHAPE_8B, build_model_folder, write_text_data  # noqa: E402
 
+SHAPES = {"1b": SHAPE, "8b": SHAPE_8B}
 VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "compiled": dict(fused_loss=False,
                                                                                     compile_layers=True)}
 
 
 def run_file(work: Path, name: str, model: Path, data: Path, batch: int, steps: int, variant: str,
-             **training) -> Path:
+             adapter: Path | None = None, **training) -> Path:
     settings = dict(max_steps=steps, batch_size=batch, learning_rate=2e-4, warmup_ratio=0.0, schedule="constant",
                     eval_every=0, save_every=0, spectrum_every=0, precision="bf16", seed=3, **VARIANTS[variant])
     settings.update(training)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
-        "model": {"source": str(model), "device": "cuda", "dtype": "bfloat16"},
+        "model": {"source": str(model), "device": "cuda", "dtype": "bfloat16",
+                  **({"adapter": str(adapter)} if adapter else {})},
         "plan": {"targets": "all-linear", "rank": 16, "alpha": 32, "dropout": 0.0},
         "data": {"train_path": str(data), "format": "text", "max_length": 1024, "overflow": "truncate"},
         "training": settings, "output_dir": str(work / "runs"),
@@ -89,6 +102,57 @@ def kill_and_resume(work: Path, model: Path, data: Path, gpus: int, batch: int, 
             "losses": [s["loss"] for s in steps_of(run_dir)]}
 
 
+def initial_adapter(model: Path, folder: Path) -> Path:
+    """The bench's plan (all-linear, r=16, alpha 32), initialised once on the host and saved as a PEFT adapter."""
+    import torch
+    from peft import get_peft_model
+
+    from studio.core.adapters.saving import save_adapter
+    from studio.core.model import inventory
+    from studio.core.model.loading import open_model
+    from studio.core.model.plan import LoraPlan, to_peft_config
+
+    loaded = open_model(str(model), device="cpu", dtype="bfloat16")
+    tree = inventory.build(loaded.model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32, dropout=0.0)
+    torch.manual_seed(3)
+    return save_adapter(get_peft_model(loaded.model, to_peft_config(plan, tree)), folder, base_model_spec=str(model))
+
+
+def estimated_gib(model: Path, gpus: int, batch: int, checkpointing: bool, sharded: bool) -> float:
+    """The memory estimate's allocated part per GPU (what max_memory_allocated measures: no CUDA context)."""
+    from studio.core.model.memory import CUDA_CONTEXT_BYTES
+
+    args = ["count", str(model / "config.json"), "--targets", "all-linear", "--rank", "16", "--alpha", "32",
+            "--dropout", "0", "--batch-size", str(batch), "--seq-len", "1024", "--gpus", str(gpus), "--json"]
+    args += ["--gradient-checkpointing"] * checkpointing + ["--fsdp"] * sharded
+    return (json.loads(cli(*args).stdout)["memory"]["total"] - CUDA_CONTEXT_BYTES) / 2**30
+
+
+def ddp_against_fsdp(work: Path, model: Path, data: Path, gpus: int, batch: int, steps: int,
+                     checkpointing: bool) -> dict:
+    adapter = initial_adapter(model, work / "initial-adapter")
+    result: dict = {"batch_per_gpu": batch, "gradient_checkpointing": checkpointing}
+    for kind in ("ddp", "fsdp"):
+        run_dir = work / "runs" / kind
+        path = run_file(work, kind, model, data, batch, steps, "plain", adapter=adapter,
+                        gradient_checkpointing=checkpointing)
+        cli("train", str(path), "--gpus", str(gpus), "--accelerate-config", kind, "--run-dir", str(run_dir))
+        result[kind] = summary(run_dir)
+        result[kind]["estimate_gib"] = estimated_gib(model, gpus, batch, checkpointing, kind == "fsdp")
+        print(f"{kind.upper():>4} on {gpus} GPUs, batch {batch} each{' (checkpointing)' * checkpointing}: "
+              f"{result[kind]['tokens_per_s']:,.0f} tokens/s, peak per GPU "
+              + ", ".join(f"{g:.2f}" for g in result[kind]["peak_gib_per_gpu"])
+              + f" GiB (estimate {result[kind]['estimate_gib']:.2f} GiB allocated)")
+    ours, reference = result["fsdp"]["losses"], result["ddp"]["losses"]
+    result["loss_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(ours, reference))
+    result["throughput_ratio"] = result["fsdp"]["tokens_per_s"] / result["ddp"]["tokens_per_s"]
+    result["peak_ratio"] = max(result["fsdp"]["peak_gib_per_gpu"]) / max(result["ddp"]["peak_gib_per_gpu"])
+    print(f"FSDP against DDP: {result['throughput_ratio']:.2f}x the tokens/s, {result['peak_ratio']:.2f}x the peak "
+          f"per GPU; loss over {len(ours)} steps: max relative difference {result['loss_max_rel_diff']:.2e}")
+    return result
+
+
 def descendants(pid: int) -> list[int]:
     found, frontier = [], [pid]
     while frontier:
@@ -121,12 +185,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="plain")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: agreement, resume")
+    parser.add_argument("--fsdp", action="store_true", help="only the DDP against FSDP part (see above)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in the --fsdp part, on both sides")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="the random-init Llama's shape")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(tempfile.mkdtemp(prefix="bench-multi-gpu-"))
     model, data = work / "model", work / "train.jsonl"
-    build_model_folder(args.tokenizer, model)
+    build_model_folder(args.tokenizer, model, SHAPES[args.shape])
     write_text_data(args.tokenizer, data, rows=args.batch * args.gpus * (args.steps + 2), seq=1024)
+    if args.fsdp:
+        fsdp = ddp_against_fsdp(work, model, data, args.gpus, args.batch, args.steps, args.gradient_checkpointing)
+        print(json.dumps({"gpus": args.gpus, "shape": args.shape, "fsdp": fsdp}))
+        return
     result: dict = {"gpus": args.gpus, "variant": args.variant}
 
     one = work / "runs" / "one"

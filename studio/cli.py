@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     cnt.add_argument("--seq-len", type=int, default=512, help="sequence length for the memory estimate")
     cnt.add_argument("--quantization", choices=["4bit", "8bit"], help="base weights quantized (memory estimate)")
     cnt.add_argument("--gradient-checkpointing", action="store_true", help="memory estimate with checkpointing")
-    cnt.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run (DDP): the estimate is per GPU, "
-                     "--batch-size per GPU")
+    cnt.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run (DDP, or FSDP with --fsdp): the "
+                     "estimate is per GPU, --batch-size per GPU")
+    cnt.add_argument("--fsdp", action="store_true", help="the base sharded across the --gpus GPUs (FSDP, "
+                     "resources/accelerate/fsdp.yaml): each holds a slice of the weights and adapter state")
     cnt.add_argument("--json", action="store_true", help="print one JSON object")
 
     train = sub.add_parser("train", help="run a training run file (progress bar, metrics.jsonl as it goes)")
@@ -162,7 +164,8 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus", type=int, help="train on N GPUs of this machine (N processes; with model.device: cpu, "
                        "N CPU processes)")
     group.add_argument("--accelerate-config", metavar="FILE",
-                       help="an accelerate config file (DDP), or `ddp` for the shipped one (the default)")
+                       help="an accelerate config file (DDP or FSDP), or `ddp` / `fsdp` for a shipped one (default: "
+                       "`ddp`)")
     group.add_argument("--nodes", type=int, default=1, help="machines taking part (run the same command on each)")
     group.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nodes (0: the main one)")
     group.add_argument("--main-address", default="127.0.0.1", help="node 0's address, reachable from every node")
@@ -270,9 +273,12 @@ def cmd_count(args: argparse.Namespace) -> int:
     tree = inventory.build(loaded.model, args.task)
     plan = _plan_from_args(tree, args)
     counts = count(tree, plan)
+    if args.fsdp and args.quantization:
+        raise StudioError("--fsdp with --quantization: FSDP does not shard a 4-bit or 8-bit base here")
     est = memory.estimate(
         tree, plan, counts, batch_size=args.batch_size, seq_len=args.seq_len,
         quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing, gpus=args.gpus,
+        sharded=args.fsdp,
     )
     if args.json:
         record = counts.to_dict()
@@ -284,6 +290,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     print(f"  trainable  {counts.trainable:>15,}  ({100 * counts.share:.4f}% of {counts.total:,})")
     print(f"  adapter    {human_bytes(counts.adapter_bytes):>15}  on disk")
     each = f" on each of {args.gpus} GPUs" if args.gpus > 1 else ""
+    each += " (FSDP: the base sharded)" if args.fsdp else ""
     print(f"  GPU memory ~{human_bytes(est.total)}{each} for batch {args.batch_size} × {args.seq_len} tokens:")
     for label, value in est.parts():
         print(f"    {label:<32}{human_bytes(value):>12}")

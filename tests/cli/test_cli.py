@@ -29,6 +29,22 @@ def test_count_json_equals_the_core_count(default_model):
     assert record["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+def test_count_under_fsdp_estimates_each_gpus_slice(default_model, capsys):
+    from studio.core.model import memory
+
+    totals = {}
+    for sharding in ([], ["--fsdp"]):
+        assert main(["count", "default", "--targets", "all-linear", "--gpus", "2", "--json", *sharding]) == 0
+        totals[bool(sharding)] = json.loads(capsys.readouterr().out)["memory"]
+    tree = inventory.build(default_model.model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=8, alpha=16)
+    expected = memory.estimate(tree, plan, count(tree, plan), gpus=2, sharded=True)
+    assert totals[True]["weights"] == expected.weights and totals[True]["total"] == expected.total
+    assert totals[True]["weights"] < totals[False]["weights"]
+    assert main(["count", "default", "--targets", "all-linear", "--gpus", "2", "--fsdp"]) == 0
+    assert "on each of 2 GPUs (FSDP: the base sharded)" in capsys.readouterr().out
+
+
 def _failing_invocations(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """One invocation of every command that fails on purpose, and what its one line must say."""
     (tmp / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -87,6 +103,8 @@ def test_every_command_that_fails_prints_exactly_one_line_and_exits_2(case, tmp_
         (["count", "./no/such/model", "--targets", "q_proj"], "no such file or folder"),
         (["count", "default", "--targets", "wqkv"], "matches no LoRA-targetable module"),
         (["count", "default", "--targets", "q_proj", "--rank-override", "x"], "MODULE=RANK"),
+        (["count", "default", "--targets", "q_proj", "--gpus", "2", "--fsdp", "--quantization", "4bit"],
+         "FSDP does not shard a 4-bit or 8-bit base"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -14,14 +14,15 @@ from studio.core.model.loading import resolve_source
 
 
 def save_adapter(peft_model: Any, out_dir: str | Path, *, base_model_spec: str | None = None, force: bool = False,
-                 owned: bool = False) -> Path:
+                 owned: bool = False, state_dict: dict[str, Any] | None = None) -> Path:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) to `out_dir`: a folder
     the studio may write (files.atomic_folder: `force` writes beside a person's files, `owned` replaces a folder
     of the caller's own, such as a run's adapter/).
 
     `base_model_spec` is what the studio opened the base from (`LoadedModel.source.spec`); it decides what
     `base_model_name_or_path` says (see `_base_reference`). Full embedding matrices are saved only when the
-    vocabulary was resized, as PEFT needs them then; otherwise the file holds the adapter alone.
+    vocabulary was resized, as PEFT needs them then; otherwise the file holds the adapter alone. `state_dict`: the
+    model's tensors by parameter name, saved instead of its own (whole ones, where the model holds slices: FSDP).
     """
     from peft import PeftModel
 
@@ -35,7 +36,8 @@ def save_adapter(peft_model: Any, out_dir: str | Path, *, base_model_spec: str |
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = reference
         with atomic_folder(target, "adapter", force=force, owned=owned) as staging:
-            peft_model.save_pretrained(str(staging), save_embedding_layers=_vocab_resized(hf_model))
+            peft_model.save_pretrained(str(staging), save_embedding_layers=_vocab_resized(hf_model),
+                                       state_dict=state_dict)
     finally:
         for name, value in previous.items():
             peft_model.peft_config[name].base_model_name_or_path = value

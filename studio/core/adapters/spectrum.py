@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from studio.core.adapters.folder import ADAPTER_CONFIG, read_adapter_config, read_lora_factors, weights_file
 from studio.core.errors import ExportError
@@ -69,12 +69,14 @@ class _Factors:
         return int(self.a.shape[0])
 
 
-def compute_spectra(model: Any, adapter: str | None = None) -> tuple[ModuleSpectrum, ...]:
+def compute_spectra(model: Any, adapter: str | None = None, *,
+                    whole: Mapping[str, Any] | None = None) -> tuple[ModuleSpectrum, ...]:
     """One ModuleSpectrum per LoRA-adapted module of `model`, in the model's module order.
 
     `model` is a PeftModel, its LoraModel, or a model with LoRA layers injected. Names are the base model's
     module names (`model.layers.0.self_attn.q_proj`). `adapter` defaults to the active adapter; one that no
-    layer holds gives an empty tuple.
+    layer holds gives an empty tuple. `whole`: the factors by `model`'s parameter names, used instead of its own
+    (a model sharded across processes holds a slice of each: FSDP).
     """
     import torch
     from peft import PeftModel
@@ -90,8 +92,9 @@ def compute_spectra(model: Any, adapter: str | None = None) -> tuple[ModuleSpect
     if not layers:
         return ()
     adapter = adapter or layers[0][1].active_adapters[0]
+    by_tensor = {id(p): whole[n] for n, p in model.named_parameters() if n in whole} if whole else {}
     with torch.no_grad():
-        factors = [f for name, layer in layers if (f := _layer_factors(name, layer, adapter)) is not None]
+        factors = [f for name, layer in layers if (f := _layer_factors(name, layer, adapter, by_tensor)) is not None]
         return _spectra(factors)
 
 
@@ -196,13 +199,14 @@ def _lora_layers(root: Any, layer_type: type) -> list[tuple[str, Any]]:
     return found
 
 
-def _layer_factors(name: str, layer: Any, adapter: str) -> _Factors | None:
+def _layer_factors(name: str, layer: Any, adapter: str, by_tensor: Mapping[int, Any]) -> _Factors | None:
     if adapter in layer.lora_A:
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     elif adapter in layer.lora_embedding_A:
         a, b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
     else:
         return None
+    a, b = by_tensor.get(id(a), a), by_tensor.get(id(b), b)
     if not _fits_rank(a, b, layer.r[adapter]):
         return None  # not a plain product of two matrices (grouped conv, parameter wrapper)
     return _Factors(name, a.detach(), b.detach(), float(layer.scaling[adapter]))

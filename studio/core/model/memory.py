@@ -37,6 +37,14 @@ On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own mi
 which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
 of the adapter's float32 gradients): the estimate is per GPU.
 
+Under FSDP (`sharded`, accelerate's FSDP2 as resources/accelerate/fsdp.yaml sets it up) each GPU keeps 1/gpus of
+the base weights, of the adapter, of its gradients (reduce-scattered, no DDP buckets) and of the optimizer states,
+and gathers whole weights only while they are used: two decoder layers at a time (the one running and the next,
+prefetched) and the output head, which accelerate keeps gathered from its forward through its backward. The
+activations are those of the GPU's own micro-batch, as under DDP. Checked on the CPU only for what shards (the
+suite: every parameter of a run is a 1/N slice); the per-GPU peak on GPUs is to be measured (bench_multi_gpu.py
+--fsdp).
+
 It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
 allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
 """
@@ -127,6 +135,15 @@ def _shape(tree: ModuleTree) -> _Shape:
     return _Shape(len(blocks), hidden, vocab, attention, mlp)
 
 
+def _block_params(tree: ModuleTree) -> int:
+    """The parameters of the largest decoder block."""
+    sizes: dict[int, int] = {}
+    for info in tree.modules.values():
+        if info.block_index is not None:
+            sizes[info.block_index] = sizes.get(info.block_index, 0) + info.own_params
+    return max(sizes.values(), default=0)
+
+
 def _kept_inputs(tree: ModuleTree, plan: LoraPlan) -> int:
     """Values per token the adapters keep as their inputs: one tensor for the adapters of a block that read the
     same input (same parent module and input width: q, k and v; gate and up), one per adapter for DoRA."""
@@ -149,11 +166,12 @@ def estimate(
     optimizer: str = "adamw",
     chunked_loss: bool = True,
     gpus: int = 1,
+    sharded: bool = False,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of a run (of each GPU when `gpus` > 1; `batch_size` is per GPU). Cheap (a pass over
     the tree), safe to call on every slider move. `counts`: `plan.count(tree, plan)`, which the caller has already
     made (the adapter panel shows it too). `chunked_loss`: the engine's one-process default; it does not apply when
-    the output head is adapted or saved, nor on several GPUs."""
+    the output head is adapted or saved, nor on several GPUs. `sharded`: FSDP across the `gpus`."""
     for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("number of GPUs", gpus)):
         if value < 1:
             raise PlanError(f"the {name} must be at least 1, got {value}")
@@ -170,10 +188,13 @@ def estimate(
             weights += own * dtype_bytes
     trainable = counts.trainable
     adapter = trainable * 4
-    gradients = trainable * 4 * (2 if gpus > 1 else 1)  # DDP's all-reduce buckets: a second copy
+    gradients = trainable * 4 * (2 if gpus > 1 and not sharded else 1)  # DDP's all-reduce buckets: a second copy
     optimizer_bytes = trainable * (2 if optimizer == "adamw-8bit" else 8)
 
     shape = _shape(tree)
+    if sharded:  # each GPU's slice, and the whole weights it gathers at once
+        weights = weights / gpus + (2 * _block_params(tree) + shape.vocab * shape.hidden) * dtype_bytes
+        adapter, gradients, optimizer_bytes = adapter / gpus, gradients / gpus, optimizer_bytes / gpus
     tokens = batch_size * seq_len
     # per token: the adapters' inputs and rank-wide products; with dropout, each adapter's mask (a byte a value)
     adapted_inputs = sum(int(tree[n].in_features or 0) for n in plan.targets)

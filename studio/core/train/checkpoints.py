@@ -55,10 +55,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState,
-                    keep: int, config: RunConfig) -> Path:
+                    keep: int, config: RunConfig, *, adapter_weights: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """checkpoints/step-N/: adapter (PEFT format), optimizer, scheduler, RNG states, trainer_state.json.
     Written atomically (files.atomic_folder), so a checkpoint folder is always complete. A write that fails (a
-    full disk) raises TrainingError naming the step; earlier checkpoints stay as they were."""
+    full disk) raises TrainingError naming the step; earlier checkpoints stay as they were.
+
+    `adapter_weights` and `optimizer_state`: whole tensors gathered from a model sharded across processes (FSDP,
+    sharding.py), written instead of the model's and the optimizer's own slices."""
 
     from studio.core.adapters.saving import save_adapter
 
@@ -70,8 +74,10 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     written = temp_name(target) if target.exists() else target
     try:
         with atomic_folder(written, "checkpoint", owned=True) as staging:
-            save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source)
-            _save_torch(optimizer.state_dict(), staging / "optimizer.pt")
+            save_adapter(model, staging / run_layout.ADAPTER, base_model_spec=config.model.source,
+                         state_dict=adapter_weights)
+            _save_torch(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                        staging / "optimizer.pt")
             _save_torch(scheduler.state_dict(), staging / "scheduler.pt")
             _save_torch(_rng_states(), staging / "rng.pt")
             (staging / TRAINER_STATE).write_text(json.dumps({
@@ -149,28 +155,40 @@ def read_state(checkpoint: Path) -> RunState:
         raise TrainingError(f"cannot read the checkpoint's {path}: {first_line(exc)}") from exc
 
 
+def load_adapter_weights(checkpoint: Path, model: Any) -> None:
+    """Put the checkpoint's adapter weights into the PeftModel `model`, before accelerate prepares it (a model
+    sharded later keeps its slice of them)."""
+    from peft import set_peft_model_state_dict
+
+    from studio.core.adapters.folder import read_adapter_tensors
+
+    set_peft_model_state_dict(model, read_adapter_tensors(checkpoint / run_layout.ADAPTER))
+
+
 def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, state: RunState) -> None:
-    """Put the checkpoint's adapter weights, optimizer and scheduler state, RNG states and RunState in place.
+    """Put the checkpoint's optimizer and scheduler state, RNG states and RunState in place (the adapter weights:
+    `load_adapter_weights`). `model` is the model as prepared, which an optimizer state keyed by parameter names
+    (a sharded run's) is matched against.
 
     The optimizer's settings (learning rate, weight decay, ...) stay those of the run as configured now, so a
     resume may change them (a lower learning rate after the loss became NaN); with the settings unchanged the
     numbers are exactly the checkpoint's and the run continues as if it had not stopped."""
     import numpy as np
     import torch
-    from peft import set_peft_model_state_dict
 
-    from studio.core.adapters.folder import read_adapter_tensors
+    from studio.core.train import sharding
 
     optimizer_state = load_tensors(checkpoint / "optimizer.pt")
     scheduler_state = load_tensors(checkpoint / "scheduler.pt")
     rng = load_tensors(checkpoint / "rng.pt")
     loaded = read_state(checkpoint)
-    weights = read_adapter_tensors(checkpoint / run_layout.ADAPTER)
     schedule = getattr(scheduler, "scheduler", scheduler)  # the LambdaLR inside accelerate's wrapper
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     base_lrs = list(schedule.base_lrs)
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(optimizer_state)
+    if sharding.is_keyed_by_name(optimizer_state):
+        sharding.load_optimizer_state(model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     schedule.base_lrs = base_lrs
     for group, own, base_lr, factor in zip(optimizer.param_groups, settings, base_lrs, schedule.lr_lambdas):

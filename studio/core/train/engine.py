@@ -31,10 +31,12 @@ from studio.core.errors import DivergedError, StudioError, TrainingError, WriteE
 from studio.core.files import atomic_folder, blocking_file, write_atomic, write_failure
 from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
+from studio.core.train import sharding
 from studio.core.train.batching import Batches, StepBatch
 from studio.core.train.checkpoints import (
     RunState,
     latest_checkpoint,
+    load_adapter_weights,
     load_checkpoint,
     read_state,
     save_checkpoint,
@@ -48,6 +50,7 @@ from studio.core.train.resumption import HeldRecord, check_resume, resume_point
 from studio.core.train.run_folder import remove_leftovers
 
 EventCallback = Callable[[ev.Event], None]
+SCORE_BATCH = 16  # validation examples generated (or classified) at once for the task score
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -146,7 +149,20 @@ def _accelerator(config: RunConfig) -> Any:
     precision = config.training.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
+    accelerator = Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
+    if sharding.requested():
+        sharding.enable_on_cpu(accelerator)
+    return accelerator
+
+
+def _check_sharding(config: RunConfig, accelerator: Any) -> None:
+    """Refuse, before the model loads, what the engine does not train under FSDP."""
+    if config.model.quantization:
+        raise TrainingError("FSDP does not shard a 4-bit or 8-bit base here: train it on several GPUs with DDP "
+                            "(--gpus N), or shard the 16-bit base")
+    reason = sharding.configure(accelerator)
+    if reason:
+        raise TrainingError(reason)
 
 
 def _new_run_folder(config: RunConfig, run_dir: Path) -> None:
@@ -198,7 +214,8 @@ class _Run:
     state: RunState
     procs: Processes
     accelerator: Any
-    model: Any  # as accelerate wrapped it (DDP under several processes): forward and backward go through it
+    model: Any  # as accelerate wrapped it (DDP under several processes; under FSDP the PeftModel itself, sharded in
+    # place): forward and backward go through it
     trainable: Any  # the PeftModel itself: saved, evaluated, measured
     tokenizer: Any
     optimizer: Any
@@ -234,14 +251,18 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     accelerator = procs.accelerator
     device, precision = accelerator.device.type, accelerator.mixed_precision
     _seed_everything(t.seed)  # the same on every process: the same dropout masks, as HF Trainer's default
+    if procs.sharded:
+        _check_sharding(config, accelerator)
 
     # -- model and plan
     if loaded is None:
         emit(ev.LogMessage(f"Opening {config.model.source}"))
+        # a sharded base is read into host memory and each process moves only its slice to its GPU (fully_shard)
+        dtype = config.model.dtype or ("bfloat16" if procs.sharded and device == "cuda" else None)
         loaded = open_model(
             config.model.source, task=config.model.task, num_labels=config.model.num_labels,  # type: ignore[arg-type]
-            dtype=config.model.dtype, device=str(accelerator.device), quantization=config.model.quantization,  # type: ignore[arg-type]
-            trust_remote_code=config.model.trust_remote_code,
+            dtype=dtype, device="cpu" if procs.sharded else str(accelerator.device),  # type: ignore[arg-type]
+            quantization=config.model.quantization, trust_remote_code=config.model.trust_remote_code,
         )
     require_weights(loaded, "train it")
     tree = inventory.build(loaded.model, config.model.task)
@@ -303,9 +324,18 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = optimization.build_optimizer(params, t, device)
     scheduler = optimization.build_scheduler(optimizer, t)
-    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
     if checkpoint is not None:
-        load_checkpoint(checkpoint, peft_model, optimizer, scheduler, state)
+        load_adapter_weights(checkpoint, peft_model)  # before prepare: a sharded model keeps its slice of them
+    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    if procs.sharded:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        # fully_shard replaced the parameters with slices (DTensors); accelerate clips a sharded model's gradients
+        # when given all of its parameters (the frozen ones have none)
+        params = list(wrapped.parameters())
+        register_fsdp_forward_method(wrapped, "generate")  # generation gathers the weights as forward does
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, wrapped, optimizer, scheduler, state)
         if state.processes != procs.world:
             raise TrainingError(
                 f"this run was trained on {state.processes} process(es) and is resumed on {procs.world}: resume it "
@@ -335,12 +365,21 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
             emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
             fused = False
-    training_attention = _training_attention(t.attention if is_lm else "sdpa", peft_model, batches.for_step(state.step),
+    # under FSDP the attention kernels' trial step is skipped (a kernel failing inside a sharded forward would leave
+    # its layer gathered) and the layers stay eager (compiling fully_shard's hooks is not tested here)
+    attention_setting = t.attention if is_lm and not procs.sharded else "sdpa"
+    training_attention = _training_attention(attention_setting, peft_model, batches.for_step(state.step),
                                              accelerator, is_cuda, packed=packed, emit=emit)
     undo.callback(training_attention.restore)
+    if procs.sharded:
+        asked = t.attention not in ("auto", "sdpa") or t.compile_layers is True
+        held, whole = sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+        emit(ev.LogMessage(f"FSDP: each of the {procs.world} processes holds a slice of every weight (the main one "
+                           f"{held:,} of {whole:,} parameters); SDPA attention and eager decoder layers (attention "
+                           "and compile_layers are set aside)", "warning" if asked else "info"))
     compile_policy = compilation.CompilePolicy(
-        t.compile_layers, peft_model, is_cuda=is_cuda, checkpointing=t.gradient_checkpointing, undo=undo,
-        log=lambda text, level: emit(ev.LogMessage(text, level)))
+        False if procs.sharded else t.compile_layers, peft_model, is_cuda=is_cuda,
+        checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
     return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler,
                 params, prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
@@ -349,7 +388,6 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
     """The optimizer steps, top to bottom: control, batch, forward/backward, clip, one host sync, step, report."""
     import torch
 
-    from studio.core.adapters import spectrum
     from studio.core.train import optimization
 
     t, state, accelerator, procs = run.config.training, run.state, run.accelerator, run.procs
@@ -428,8 +466,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
             token_efficiency=tokens / positions if positions else None,
         ))
         if t.spectrum_every and state.step >= spectrum_next:
-            if procs.is_main:  # every process holds the same adapter weights
-                emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
+            _emit_spectra(run, emit)
             spectrum_next = state.step + t.spectrum_every
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             with run.compile.eager(), run.attention.plain():
@@ -440,9 +477,19 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
     if run.prepared.val:
         with run.compile.eager(), run.attention.plain():
             _evaluate(run, emit)
-    if t.spectrum_every and procs.is_main:
-        emit(ev.SpectrumSnapshot(state.step, spectrum.compute_spectra(run.trainable)))
+    if t.spectrum_every:
+        _emit_spectra(run, emit)
     return _finish(run, emit, stopped=False)
+
+
+def _emit_spectra(run: _Run, emit: ev.Recorder) -> None:
+    """The adapter's spectra, computed by the main process (every process holds the same adapter weights, or under
+    FSDP a slice of each, gathered here by all)."""
+    from studio.core.adapters import spectrum
+
+    whole = sharding.full_trainable_state(run.model) if run.procs.sharded else None
+    if run.procs.is_main:
+        emit(ev.SpectrumSnapshot(run.state.step, spectrum.compute_spectra(run.trainable, whole=whole)))
 
 
 def _on_device(run: _Run, batch: StepBatch) -> StepBatch:
@@ -470,12 +517,15 @@ def _forward_backward(run: _Run, batch: StepBatch) -> list[Any]:
 
 
 def _save_checkpoint(run: _Run) -> Path:
-    """The main process writes the checkpoint (every process holds the same adapter and optimizer state); the
-    others wait until it is complete."""
+    """The main process writes the checkpoint (every process holds the same adapter and optimizer state, or under
+    FSDP a slice of each, gathered here by all); the others wait until it is complete."""
     path = run.run_dir / run_layout.CHECKPOINTS / run_layout.checkpoint_name(run.state.step)
+    weights = sharding.full_trainable_state(run.model) if run.procs.sharded else None
+    optimizer_state = sharding.full_optimizer_state(run.model, run.optimizer) if run.procs.sharded else None
     if run.procs.is_main:
         path = save_checkpoint(run.run_dir, run.trainable, run.optimizer, run.scheduler, run.state,
-                               run.config.training.keep_checkpoints, run.config)
+                               run.config.training.keep_checkpoints, run.config, adapter_weights=weights,
+                               optimizer_state=optimizer_state)
     run.procs.barrier()
     return path
 
@@ -554,12 +604,15 @@ def _evaluate(run: _Run, emit: ev.Recorder) -> None:
     model.eval()
     total, weight = evaluation.validation_loss_sums(
         model, procs.shard(prepared.val), lambda examples: datamod.collate(examples, run.pad_id),
-        batch_size=t.batch_size, device=run.accelerator.device, autocast=run.accelerator.autocast, is_lm=run.is_lm)
+        batch_size=t.batch_size, device=run.accelerator.device, autocast=run.accelerator.autocast, is_lm=run.is_lm,
+        rounds=procs.rounds(len(prepared.val), t.batch_size), filler=prepared.val[:1])
     totals = procs.gather_objects([(total, weight)])
     state.last_val_loss = sum(t_ for t_, _ in totals) / max(1, sum(w for _, w in totals))
     score = None
     if t.eval_examples:
-        samples = evaluation.score_samples(model, run.tokenizer, prepared, limit=t.eval_examples, shard=procs.shard)
+        rounds = procs.rounds(min(t.eval_examples, len(prepared.val)), SCORE_BATCH)
+        samples = evaluation.score_samples(model, run.tokenizer, prepared, limit=t.eval_examples, shard=procs.shard,
+                                           batch_size=SCORE_BATCH, rounds=rounds)
         score = evaluation.summarise(prepared.format, procs.gather_objects(samples or [])) if samples is not None \
             else None
     if score is not None:
@@ -576,8 +629,10 @@ def _finish(run: _Run, emit: ev.Recorder, *, stopped: bool) -> ev.Finished:
     if stopped and state.step > 0:
         emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
     adapter_dir = run.run_dir / run_layout.ADAPTER
+    weights = sharding.full_trainable_state(run.model) if run.procs.sharded else None
     if run.procs.is_main:
-        save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source, owned=True)
+        save_adapter(run.trainable, adapter_dir, base_model_spec=run.config.model.source, owned=True,
+                     state_dict=weights)
         if run.tokenizer is not None:
             _save_tokenizer(run.tokenizer, run.run_dir / run_layout.TOKENIZER)
     run.procs.barrier()

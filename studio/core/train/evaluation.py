@@ -7,10 +7,15 @@
   tokens: a matching answer is the reference's tokens plus a closing token or stray whitespace, and base models
   ramble (on two CPU cores each generated token of a batch costs about a second for the default model).
 - accuracy (classification): argmax of the classifier's logits against the class ids.
+
+`rounds` (a model sharded across processes, FSDP): every forward gathers weights from all processes, so each runs
+exactly `rounds` batches, the ones past its own share on a stand-in that is not counted, and generation steps in
+lockstep (a process whose batch is done keeps stepping until every process's is: transformers' synced_gpus).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -48,7 +53,7 @@ def score(
 
 def score_samples(
     model: Any, tokenizer: Any, prepared: PreparedData, limit: int = 64, *, max_new_tokens: int = 64,
-    batch_size: int = 16, shard: Callable[[Sequence[Example]], list[Example]] = list,
+    batch_size: int = 16, shard: Callable[[Sequence[Example]], list[Example]] = list, rounds: int = 0,
 ) -> list[ScoreSample] | None:
     """The scored samples of `shard`'s share of the first `limit` validation examples (all of them by default;
     several processes each score their own share and `summarise` what they gathered); None for plain text."""
@@ -57,8 +62,10 @@ def score_samples(
         return None
     mine = shard(examples)
     if prepared.format == "classification":
-        return list(accuracy(model, tokenizer, mine, prepared.label_names, batch_size=batch_size).samples)
-    return list(exact_match(model, tokenizer, mine, max_new_tokens=max_new_tokens, batch_size=batch_size).samples)
+        return list(accuracy(model, tokenizer, mine, prepared.label_names, batch_size=batch_size, rounds=rounds,
+                             filler=examples[:1]).samples)
+    return list(exact_match(model, tokenizer, mine, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            rounds=rounds).samples)
 
 
 def summarise(fmt: str, samples: Sequence[ScoreSample]) -> ScoreResult:
@@ -80,7 +87,8 @@ def _prompt_and_reference(example: Example) -> tuple[list[int], list[int]]:
 
 
 def exact_match(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int = 64, batch_size: int = 16
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int = 64, batch_size: int = 16,
+    rounds: int = 0,
 ) -> ScoreResult:
     """Greedy generations against the references of instruction/chat examples. Truncated examples are left out
     (their reference is cut); `n` counts those scored."""
@@ -121,12 +129,17 @@ def exact_match(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     max_new_tokens=min(max_new_tokens, longest + SPARE_TOKENS), do_sample=False,
                     temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=stops,
-                    use_cache=True,
+                    use_cache=True, **({"synced_gpus": True} if rounds else {}),
                 )
                 for row, i in enumerate(batch):
                     generated = output[row, width:].tolist()
                     cut = next((k for k, t in enumerate(generated) if t in stops), len(generated))
                     predictions[i] = generated[:cut]
+            for _ in range(rounds - math.ceil(len(order) / batch_size)):  # stand-ins: one token in, one out
+                one = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+                model.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=1, do_sample=False,
+                               temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=stops,
+                               synced_gpus=True)
     finally:
         model.train(was_training)
     samples = []
@@ -138,7 +151,8 @@ def exact_match(
 
 
 def accuracy(
-    model: Any, tokenizer: Any, examples: Sequence[Example], label_names: Sequence[str] = (), *, batch_size: int = 16
+    model: Any, tokenizer: Any, examples: Sequence[Example], label_names: Sequence[str] = (), *, batch_size: int = 16,
+    rounds: int = 0, filler: Sequence[Example] = (),
 ) -> ScoreResult:
     """Share of classification examples whose highest logit is their class."""
     import torch
@@ -163,6 +177,9 @@ def accuracy(
                     text = tokenizer.decode(example.input_ids, skip_special_tokens=True)
                     samples.append(ScoreSample(text, name(example.class_id), name(predicted),
                                                predicted == example.class_id))
+            for _ in range(rounds - math.ceil(len(examples) / batch_size)):  # stand-ins, uncounted
+                tensors = collate(filler, pad_id)
+                model(input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device))
     finally:
         model.train(was_training)
     return _result("accuracy", samples)
@@ -175,17 +192,22 @@ def _result(name: str, samples: list[ScoreSample]) -> ScoreResult:
 
 def validation_loss_sums(model: Any, examples: Sequence[Example],
                          collate: Callable[[Sequence[Example]], dict[str, Any]], *, batch_size: int, device: Any,
-                         autocast: Callable[[], Any], is_lm: bool) -> tuple[float, int]:
+                         autocast: Callable[[], Any], is_lm: bool, rounds: int = 0,
+                         filler: Sequence[Example] = ()) -> tuple[float, int]:
     """(summed loss, weight) over `examples`: the loss weighted by the tokens that carry it (by examples for
-    classification), so that sums from several shards give the mean one big batch would."""
+    classification), so that sums from several shards give the mean one big batch would. `filler`: the stand-in
+    batch for `rounds` past this share."""
     import torch
 
+    batches = [examples[start:start + batch_size] for start in range(0, len(examples), batch_size)]
     total, weight = 0.0, 0
     with torch.no_grad(), autocast():
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        for i in range(max(len(batches), rounds)):
+            batch = {k: v.to(device) for k, v in collate(batches[i] if i < len(batches) else filler).items()}
             # use_cache=False: with a cache, transformers ignores packed position_ids
             loss = model(**batch, use_cache=False).loss if "position_ids" in batch else model(**batch).loss
+            if i >= len(batches):
+                continue
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if is_lm else int(batch["labels"].numel())
             total += float(loss) * n
             weight += n

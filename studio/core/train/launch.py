@@ -40,8 +40,8 @@ from studio.core.train.run_folder import event_from
 
 EVENTS_ENV = "LORA_STUDIO_EVENTS"  # set in the processes' environment: where the main one mirrors its events
 POLL_S = 0.2
-ACCELERATE_CONFIGS = ("ddp",)  # resources/accelerate/<name>.yaml
-SUPPORTED_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO")  # accelerate's distributed_type values the engine follows
+ACCELERATE_CONFIGS = ("ddp", "fsdp")  # resources/accelerate/<name>.yaml
+SUPPORTED_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO", "FSDP")  # accelerate's distributed_type values the engine follows
 # torchrun's summary when a process fails: the first one to fail, and its exit code (negative: the signal)
 ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.DOTALL)
 
@@ -60,8 +60,9 @@ class Launch:
 
 
 def accelerate_config(name: str) -> Path:
-    """A shipped accelerate config by name (`ddp`), or a config file the person wrote, checked: the engine follows
-    DDP (one whole model per process); FSDP and DeepSpeed shard the model in ways it does not save or score yet."""
+    """A shipped accelerate config by name (`ddp`, `fsdp`), or a config file the person wrote, checked: the engine
+    follows DDP (one whole model per process) and FSDP version 2 (sharding.py); DeepSpeed shards the model in ways
+    it does not save or score."""
     path = resources_root() / "accelerate" / f"{name}.yaml" if name in ACCELERATE_CONFIGS else Path(name)
     import yaml
 
@@ -73,7 +74,13 @@ def accelerate_config(name: str) -> Path:
     kind = str((settings or {}).get("distributed_type", "NO")) if isinstance(settings, dict) else "?"
     if kind not in SUPPORTED_TYPES:
         raise TrainingError(f"{path} asks for {kind}: LoRA Studio trains on several GPUs with DDP "
-                            f"(distributed_type MULTI_GPU); FSDP and DeepSpeed are not supported yet")
+                            f"(distributed_type MULTI_GPU) or FSDP (distributed_type FSDP, fsdp_version 2); "
+                            f"{kind} is not supported")
+    fsdp = settings.get("fsdp_config") or {}
+    version = fsdp.get("fsdp_version", 1) if isinstance(fsdp, dict) else "?"
+    if kind == "FSDP" and str(version) != "2":
+        raise TrainingError(f"{path} asks for FSDP version {version}: LoRA Studio shards with FSDP version 2 "
+                            "(set fsdp_config.fsdp_version: 2, as resources/accelerate/fsdp.yaml does)")
     return path
 
 
@@ -149,7 +156,8 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
-        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}`"
+        settings = f" --accelerate-config {launch.config_file}" if launch.config_file else ""
+        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}{settings}`"
     step = read_state(checkpoint).step if checkpoint is not None else 0
     failed = ev.Failed(message, step, str(checkpoint) if checkpoint is not None else None)
     if is_run_folder(run_dir):

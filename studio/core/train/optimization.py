@@ -33,10 +33,18 @@ def build_scheduler(optimizer: Any, t: Any) -> Any:
 
 
 def clip_gradients(accelerator: Any, params: list[Any], max_norm: float) -> Any:
-    """The gradient norm before clipping, as a tensor on the device (read with the step's one sync)."""
+    """The gradient norm before clipping, as a tensor on the device (read with the step's one sync). Under FSDP the
+    gradients are slices (DTensors) and so is their norm until made whole, which sums the slices' squares."""
     import torch
 
     if max_norm > 0:
-        return torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm), device=accelerator.device)
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=accelerator.device)
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+    else:
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=accelerator.device)
+        if not hasattr(grads[0], "full_tensor"):
+            return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)  # torch 2.6+, as FSDP2 is
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return torch.as_tensor(norm, device=accelerator.device)

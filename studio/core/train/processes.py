@@ -6,6 +6,9 @@
 - What the processes must agree on is decided once and shared: the run folder (its name holds the time, which
   differs between processes by a second at the wrong moment), a stop or a pause (all stop after the same step, or
   the ones still stepping would wait forever for the others).
+- Under FSDP (sharding.py) each process holds a slice of the model and every forward gathers weights from all of
+  them: what one process runs, all run (validation and generation the same number of batches, `rounds`), and what
+  needs whole adapter weights (saving, checkpoints, spectra) gathers them in a step every process joins.
 - A caller outside the processes (the CLI's `--gpus`, the window) asks for a stop or a pause by writing the run
   folder's control file; the main process reads it between steps and the request reaches every process with the
   step's metrics.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,10 +30,14 @@ class Processes:
     """One process's view of the group (a single process is a group of one)."""
 
     def __init__(self, accelerator: Any) -> None:
+        from accelerate.utils import DistributedType
+
         self.accelerator = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
+        # FSDP (sharding.py): each process holds a slice of the model, and every forward is a collective
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
 
     def agree(self, value: Any) -> Any:
         """The main process's `value`, on every process."""
@@ -59,6 +67,11 @@ class Processes:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(items)))
+
+    def rounds(self, items: int, batch_size: int) -> int:
+        """Under FSDP, the batches every process runs over its `shard` of `items`: as many as the largest share
+        needs, since each forward is a collective; 0 otherwise (each runs its own share's)."""
+        return math.ceil(math.ceil(items / self.world) / batch_size) if self.sharded else 0
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This process's share of `items` (every world-th item from its rank on): shares differ by one at most."""

@@ -89,6 +89,22 @@ def test_on_several_gpus_each_holds_the_whole_run_plus_ddp_gradient_buckets_and_
     assert each_of_two.activations == one.activations  # several GPUs train on the model's own loss
 
 
+def test_under_fsdp_each_gpu_holds_a_slice_of_the_base_and_adapter_state_and_the_weights_it_gathers(default_model):
+    tree = inventory.build(default_model.model)
+    plan = LoraPlan(targets=tuple(inventory.select(tree, "all-linear")), rank=16, alpha=32)
+    counts = count(tree, plan)
+    ddp = memory.estimate(tree, plan, counts, batch_size=8, seq_len=1024, gpus=4)
+    fsdp = memory.estimate(tree, plan, counts, batch_size=8, seq_len=1024, gpus=4, sharded=True)
+    config = default_model.model.config
+    layer = sum(p.numel() for p in default_model.model.model.layers[0].parameters())
+    gathered = (2 * layer + config.vocab_size * config.hidden_size) * 2  # two layers and the head, in bf16
+    assert fsdp.weights == pytest.approx(ddp.weights / 4 + gathered, abs=1)
+    assert (fsdp.adapter, fsdp.optimizer) == pytest.approx((ddp.adapter / 4, ddp.optimizer / 4), abs=1)
+    assert fsdp.gradients == pytest.approx(ddp.gradients / 8, abs=1)  # a slice, and no DDP buckets
+    assert fsdp.activations == ddp.activations  # each GPU still runs its own micro-batch
+    assert fsdp.total < ddp.total
+
+
 @pytest.mark.parametrize("heads, kv_heads, targets", [(8, 2, "all-linear"), (4, 4, "attention")])
 def test_activations_are_what_autograd_keeps_in_a_lora_forward(heads, kv_heads, targets):
     """The estimate's activations against the tensors torch's saved_tensors_hooks see (parameters aside) in a real

@@ -92,3 +92,28 @@ def test_plain_text_data_has_no_task_score(tmp_path, default_model):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "just prose"}])
     prepared = prepare(DataSpec(str(path), val_path=str(path)), default_model.tokenizer)
     assert score(default_model.model, default_model.tokenizer, prepared) is None
+
+
+def test_stand_in_batches_run_the_model_but_are_not_counted(tiny_model_folder):
+    """Under FSDP a process with a smaller share runs stand-in batches so that every process runs as many forwards
+    (each is a collective): they reach the model and leave the sums as they were."""
+    import contextlib
+
+    from studio.core.data.dataset import collate, demo_spec
+    from studio.core.model.loading import open_model
+    from studio.core.train.evaluation import validation_loss_sums
+
+    loaded = open_model(str(tiny_model_folder))
+    examples = prepare(demo_spec(), loaded.tokenizer).val
+    forwards = []
+    loaded.model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def sums(**rounds):
+        forwards.clear()
+        result = validation_loss_sums(loaded.model, examples[:5], lambda rows: collate(rows, 0), batch_size=2,
+                                      device="cpu", autocast=contextlib.nullcontext, is_lm=True, **rounds)
+        return result, len(forwards)
+
+    (total, weight), runs = sums()
+    assert runs == 3 and weight > 0
+    assert sums(rounds=5, filler=examples[5:6]) == ((total, weight), 5)

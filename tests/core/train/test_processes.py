@@ -1,12 +1,14 @@
 """Several processes through accelerate, on the CPU (gloo): one run folder written once, the same losses as one
 process at the same global batch, a killed process ends the run cleanly and `resume` continues it, and two
-"machines" on one host (loopback) train one run. The launcher is the real CLI (`lora-studio train --gpus 2` with
-`model.device: cpu`), the processes real `accelerate launch` children."""
+"machines" on one host (loopback) train one run; under FSDP (the model sharded) all of that holds too. The launcher
+is the real CLI (`lora-studio train --gpus 2` with `model.device: cpu`), the processes real `accelerate launch`
+children."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,9 +177,89 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
+def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_resumes_exactly(tiny_model_folder,
+                                                                                              tmp_path):
+    """FSDP (resources/accelerate/fsdp.yaml) on two CPU processes: every weight sharded, the same losses as one process
+    at the same global batch, one adapter whose whole weights load into PEFT and give the one-process model's
+    logits, checkpoints read with weights_only, and a run killed after a checkpoint resumed to the same losses."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from studio.core.model.loading import open_model
+    from studio.core.train.checkpoints import load_tensors
+
+    run_dir = tmp_path / "fsdp"
+    # 33 scored examples: shares of 17 and 16, so one process generates a batch of 16 more and the other, a stand-in
+    result = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2, eval_examples=33)), "--gpus", "2",
+                  "--accelerate-config", "fsdp", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    records = read_records(run_dir)
+    assert next(r for r in records if r["event"] == "RunStarted")["processes"] == 2
+    said = next(r["text"] for r in records if r["event"] == "LogMessage" and r["text"].startswith("FSDP: "))
+    held, whole = (int(n.replace(",", "")) for n in re.search(r"main one ([\d,]+) of ([\d,]+) param", said).groups())
+    assert 0 < held <= whole / 2 + 100  # a slice of each weight (a row more where its rows are odd)
+    # the optimizer state was gathered from the shards: keyed by parameter name, plain tensors of whole shape
+    optimizer = load_tensors(run_dir / "checkpoints" / "step-4" / "optimizer.pt")
+    moments = optimizer["state"]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert moments["exp_avg"].shape == (4, 32)
+
+    loaded = open_model(str(tiny_model_folder), device="cpu")
+    one: list = []
+    finished = train(load(_run_file(tmp_path, tiny_model_folder, 4, eval_examples=33)), one.append,
+                     run_dir=tmp_path / "one", loaded=loaded)
+    assert isinstance(finished, ev.Finished), finished
+    expected = {e.step: e.loss for e in one if isinstance(e, ev.StepMetrics)}
+    assert _losses(run_dir) == pytest.approx(expected, rel=1e-4)
+    scores = [r for r in records if r["event"] == "EvalMetrics"]
+    one_scores = [e for e in one if isinstance(e, ev.EvalMetrics)]
+    assert [r["val_loss"] for r in scores] == pytest.approx([e.val_loss for e in one_scores], rel=1e-4)
+    assert [r["score"] for r in scores] == [e.score for e in one_scores]
+    spectra = [json.loads(line) for line in (run_dir / "spectra.jsonl").read_text().splitlines()]
+    one_spectra = [e for e in one if isinstance(e, ev.SpectrumSnapshot)]
+    assert [s["step"] for s in spectra] == [e.step for e in one_spectra] == [1, 4, 6]
+    assert spectra[-1]["modules"][0]["values"] == pytest.approx(one_spectra[-1].modules[0].values, rel=1e-3)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        untrained = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+        trained = loaded.model.eval()(input_ids=ids).logits
+        assert (trained - untrained).abs().max() > 1e-3  # the adapter changes the output
+        torch.testing.assert_close(adapted(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-5)
+
+    killed_dir = tmp_path / "killed"
+    run_file = _run_file(tmp_path, tiny_model_folder, 2, max_steps=12, save_every=4, eval_every=0, spectrum_every=0)
+    launcher = subprocess.Popen([sys.executable, "-m", "studio.cli", "train", str(run_file), "--gpus", "2",
+                                 "--accelerate-config", "fsdp", "--run-dir", str(killed_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "checkpoints" / "step-4").is_dir():
+        assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1"), signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2 and "process 1 of the run was ended by SIGKILL" in stderr, stderr
+    assert "--gpus 2 --accelerate-config " in stderr and "fsdp.yaml`" in stderr  # how to resume it as it ran
+    resumed = _cli("resume", str(killed_dir), "--gpus", "2", "--accelerate-config", "fsdp")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = _losses(killed_dir)
+    assert sorted(losses) == list(range(1, 13))
+    # steps 5 and 6 ran again after the resume: the same as the unbroken run's (the schedule is constant)
+    assert [losses[5], losses[6]] == pytest.approx([expected[5], expected[6]], rel=1e-4)
+
+
 def test_an_accelerate_config_the_engine_cannot_follow_is_refused_in_one_line(tiny_model_folder, tmp_path):
-    fsdp = tmp_path / "fsdp.yaml"
-    fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
-    refused = _cli("train", str(_run_file(tmp_path, tiny_model_folder, 2)), "--accelerate-config", str(fsdp))
+    run_file = str(_run_file(tmp_path, tiny_model_folder, 2))
+    deepspeed = tmp_path / "deepspeed.yaml"
+    deepspeed.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\n")
+    refused = _cli("train", run_file, "--accelerate-config", str(deepspeed))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "asks for FSDP" in refused.stderr and "not supported yet" in refused.stderr
+    assert "asks for DEEPSPEED" in refused.stderr and "DEEPSPEED is not supported" in refused.stderr
+
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n")
+    refused = _cli("train", run_file, "--accelerate-config", str(fsdp1))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "FSDP version 1" in refused.stderr and "fsdp_version: 2" in refused.stderr
