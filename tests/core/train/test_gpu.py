@@ -272,7 +272,7 @@ def test_fsdp_on_two_gpus_matches_ddp_and_saves_one_whole_adapter(model_folder, 
         assert all(len(s["gpu_mem_per_device"]) == 2 and min(s["gpu_mem_per_device"]) > 0 for s in steps)
         losses[kind] = [s["loss"] for s in steps]
         adapters[kind] = load_file(tmp_path / kind / "adapter" / "adapter_model.safetensors")
-    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=2e-2)
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=5e-3)
     assert adapters["fsdp"].keys() == adapters["ddp"].keys()
     for name, tensor in adapters["ddp"].items():
         assert adapters["fsdp"][name].shape == tensor.shape  # whole, not one process's slice
