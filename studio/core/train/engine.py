@@ -165,6 +165,18 @@ def _check_sharding(config: RunConfig, accelerator: Any) -> None:
         raise TrainingError(reason)
 
 
+def _check_same_processes(saved: RunState, procs: Processes) -> None:
+    """A run resumes on as many processes as it was trained on (each one's share of the data depends on their
+    number), sharded if it was (the optimizer state is stored differently)."""
+    if saved.processes != procs.world:
+        raise TrainingError(
+            f"this run was trained on {saved.processes} process(es) and is resumed on {procs.world}: resume it "
+            f"on {saved.processes} (--gpus {saved.processes}), since each process's share of the data depends on it")
+    if saved.sharded != procs.sharded:
+        raise TrainingError("this run was trained with FSDP: resume it with --accelerate-config fsdp" if saved.sharded
+                            else "this run was trained without FSDP: resume it without an FSDP accelerate config")
+
+
 def _new_run_folder(config: RunConfig, run_dir: Path) -> None:
     """A new run's folder with its run.yaml: `run_dir` only when it is new or empty (never an existing run, whose
     metrics and checkpoints a second run would mix with its own)."""
@@ -325,6 +337,7 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     optimizer = optimization.build_optimizer(params, t, device)
     scheduler = optimization.build_scheduler(optimizer, t)
     if checkpoint is not None:
+        _check_same_processes(read_state(checkpoint), procs)
         load_adapter_weights(checkpoint, peft_model)  # before prepare: a sharded model keeps its slice of them
     wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
     if procs.sharded:
@@ -336,12 +349,7 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         register_fsdp_forward_method(wrapped, "generate")  # generation gathers the weights as forward does
     if checkpoint is not None:
         load_checkpoint(checkpoint, wrapped, optimizer, scheduler, state)
-        if state.processes != procs.world:
-            raise TrainingError(
-                f"this run was trained on {state.processes} process(es) and is resumed on {procs.world}: resume it "
-                f"on {state.processes} (--gpus {state.processes}), since each process's share of the data depends "
-                "on it")
-    state.processes = procs.world
+    state.processes, state.sharded = procs.world, procs.sharded
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
         counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),

@@ -242,6 +242,8 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
     _, stderr = launcher.communicate(timeout=300)
     assert launcher.returncode == 2 and "process 1 of the run was ended by SIGKILL" in stderr, stderr
     assert "--gpus 2 --accelerate-config " in stderr and "fsdp.yaml`" in stderr  # how to resume it as it ran
+    refused = _cli("resume", str(killed_dir), "--gpus", "2")  # DDP: its optimizer state is stored another way
+    assert refused.returncode == 2 and "resume it with --accelerate-config fsdp" in refused.stderr, refused.stderr
     resumed = _cli("resume", str(killed_dir), "--gpus", "2", "--accelerate-config", "fsdp")
     assert resumed.returncode == 0, resumed.stderr
     losses = _losses(killed_dir)
