@@ -137,10 +137,9 @@ def step_plot(title: str, left: str) -> pg.PlotWidget:
     return widget
 
 
-def throughput_text(metrics: ev.StepMetrics) -> str:
-    """'· 38,250 real tokens/s, 97% of positions real' (the share only where the step reported it)."""
-    share = f", {metrics.token_efficiency:.0%} of positions real" if metrics.token_efficiency is not None else ""
-    return f"· {metrics.tokens_per_s:,.0f} real tokens/s{share}"
+def efficiency_text(metrics: ev.StepMetrics) -> str:
+    """'· 97% of positions real', or '' where the step did not report it (real tokens/s: the progress row)."""
+    return f"· {metrics.token_efficiency:.0%} of positions real" if metrics.token_efficiency is not None else ""
 
 
 class TrainingPlots(QWidget):
@@ -162,11 +161,10 @@ class TrainingPlots(QWidget):
 
         self.memory_label = QLabel("GPU memory: not measured yet")
         self.memory_label.setMinimumWidth(40)  # elided by the layout rather than widening the panel
-        self.throughput_label = QLabel("")
-        self.throughput_label.setToolTip(
-            "Real tokens a second (padding not counted) and the share of the positions the model computed that "
-            "held real tokens: padding lowers it, packing raises it")
-        self.throughput_label.setMinimumWidth(40)
+        self.efficiency_label = QLabel("")
+        self.efficiency_label.setToolTip("The share of the positions the model computed that held real tokens: "
+                                         "padding lowers it, packing raises it")
+        self.efficiency_label.setMinimumWidth(40)
         self.smoothing_spin = QDoubleSpinBox()
         self.smoothing_spin.setRange(0.0, 0.99)
         self.smoothing_spin.setSingleStep(0.05)
@@ -175,7 +173,7 @@ class TrainingPlots(QWidget):
         self.smoothing_spin.valueChanged.connect(self._on_smoothing_value_changed)
         header = QHBoxLayout()
         header.addWidget(self.memory_label)
-        header.addWidget(self.throughput_label)
+        header.addWidget(self.efficiency_label)
         header.addStretch(1)
         header.addWidget(QLabel("Smoothing"))
         header.addWidget(self.smoothing_spin)
@@ -251,9 +249,9 @@ class TrainingPlots(QWidget):
         self.loss_smooth.append(step, self._average / (1 - s ** self.loss_raw.buffer.size))
         self.lr.append(step, metrics.lr)
         self.grad_norm.append(step, metrics.grad_norm)
-        self.throughput_label.setText(throughput_text(metrics))
+        self.efficiency_label.setText(efficiency_text(metrics))
         if metrics.gpu_mem_bytes is None:
-            self.memory_label.setText("GPU memory: none (CPU run)")
+            self.memory_label.setText("CPU run: no GPU memory")
             return
         per_device = metrics.gpu_mem_per_device or ()
         each = f" (GPUs: {', '.join(f'{b / MIB:,.0f}' for b in per_device)} MiB)" if len(per_device) > 1 else ""

@@ -43,7 +43,7 @@ from studio.ui.training_session import SessionState, TrainingSession
 DEFAULT_RUNS_DIR = Path.home() / "lora-studio" / "runs"
 LEVEL_COLOUR = {"info": "#303030", "warning": "#b26a00", "error": "#c62828", "event": "#1f5fa8"}
 ERROR_STYLE = "color: #b3261e; font-weight: bold;"
-SPEED_TEMPLATE = "ETA 00:00:00 · 000,000 tokens/s "
+SPEED_TEMPLATE = "ETA 00:00:00 · 000,000 real tokens/s "
 
 
 def format_duration(seconds: float) -> str:
@@ -355,7 +355,8 @@ class TrainPanel(QWidget):
             self.plots.add_step(event)
             self.progress.setRange(0, event.total_steps)
             self.progress.setValue(event.step)
-            self.speed_label.setText(f"ETA {format_duration(event.eta_s)} · {event.tokens_per_s:,.0f} tokens/s")
+            # real tokens: padding is not counted (the plots' header says how much of each step was padding)
+            self.speed_label.setText(f"ETA {format_duration(event.eta_s)} · {event.tokens_per_s:,.0f} real tokens/s")
             self.speed_label.setToolTip(f"Elapsed {format_duration(event.elapsed_s)}, {event.tokens_seen:,} tokens "
                                         f"seen, epoch {event.epoch:.2f}")
         elif isinstance(event, ev.EvalMetrics):

@@ -25,11 +25,11 @@ def test_a_long_run_keeps_pyqtgraph_s_own_spacing(qtbot):
     assert major_spacing >= 100 and major[:3] == [0.0, major_spacing, 2 * major_spacing]
 
 
-def test_the_header_shows_real_tokens_per_second_and_the_share_of_real_positions(qtbot):
+def test_the_header_shows_the_share_of_real_positions(qtbot):
     plots = TrainingPlots()
     qtbot.addWidget(plots)
     step = ev.StepMetrics(step=1, total_steps=10, epoch=0.1, loss=2.0, lr=1e-4, grad_norm=1.0, tokens_per_s=38250.4,
                           tokens_seen=8000, elapsed_s=0.2, eta_s=1.8, token_efficiency=0.9712)
     plots.add_step(step)
-    assert plots.throughput_label.text() == "· 38,250 real tokens/s, 97% of positions real"
-    assert plots.memory_label.text() == "GPU memory: none (CPU run)"
+    assert plots.efficiency_label.text() == "· 97% of positions real"
+    assert plots.memory_label.text() == "CPU run: no GPU memory"

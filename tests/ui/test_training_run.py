@@ -81,6 +81,8 @@ def test_the_run_started_from_the_window_finishes_and_the_buttons_go_back_to_idl
     panel = run.window.train_panel
     assert panel.start_button.isEnabled() and not panel.pause_button.isEnabled() and not panel.stop_button.isEnabled()
     assert panel.progress.value() == panel.progress.maximum() == STEPS
+    last = run.of(ev.StepMetrics)[-1]
+    assert panel.speed_label.text() == f"ETA 0:00 · {last.tokens_per_s:,.0f} real tokens/s"
     assert (Path(finished.adapter_dir) / "adapter_config.json").is_file()
     assert "Finished at step 4" in panel.log_view.toPlainText()
     assert f"Checkpoint at step 2: {finished.run_dir}/checkpoints/step-2" in panel.log_view.toPlainText()
