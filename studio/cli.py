@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{_field_help(TrainingConfig, 'max_steps')} (it replaces training.epochs too)")
     _add_launch_arguments(train)
 
-    res = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    res = sub.add_parser("resume", help="continue a run from its latest checkpoint (on as many processes as it was "
+                         "trained on, with FSDP if it was)")
     res.add_argument("run_dir", help="a run folder holding run.yaml and checkpoints/")
     res.add_argument("--max-steps", type=int, help="a new training.max_steps (default: the run's own): "
                      f"{_field_help(TrainingConfig, 'max_steps')}")
@@ -331,6 +332,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _warn_about_remote_code(runconfig.load(Path(args.run_dir) / run_layout.RUN_FILE))
     from studio.core.train.engine import resume
 
+    _follow_the_checkpoint(args)
     if _launches(args):
         from studio.core.train import launch
 
@@ -341,6 +343,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _drive(lambda on_event, control: launch.resume_on_processes(args.run_dir, plan, on_event, control,
                                                                            max_steps=args.max_steps))
     return _drive(lambda on_event, control: resume(args.run_dir, on_event, control, max_steps=args.max_steps))
+
+
+def _follow_the_checkpoint(args: argparse.Namespace) -> None:
+    """A resume launches as its run was trained (processes, FSDP) where --gpus / --accelerate-config leave it open;
+    a flag given wins, and the engine refuses one that does not match the checkpoint."""
+    from studio.core.train.launch import as_trained, how_trained, inside_a_launch
+
+    if inside_a_launch():  # one of the run's processes: it resumes where it runs
+        return
+    processes, sharded = as_trained(args.run_dir)
+    launches = args.gpus is None and (processes > 1 or sharded)
+    fsdp = args.accelerate_config is None and sharded
+    if launches:
+        args.gpus = max(1, processes // args.nodes)  # --gpus counts the processes of one machine
+    if fsdp:
+        args.accelerate_config = "fsdp"
+    if launches or fsdp:
+        said = how_trained(processes, fsdp) if launches else "with FSDP"
+        sys.stderr.write(f"resuming {said}, as the run was trained\n")
 
 
 def _launches(args: argparse.Namespace) -> bool:

@@ -171,9 +171,11 @@ def _check_same_processes(saved: RunState, procs: Processes) -> None:
     if saved.processes != procs.world:
         raise TrainingError(
             f"this run was trained on {saved.processes} process(es) and is resumed on {procs.world}: resume it "
-            f"on {saved.processes} (--gpus {saved.processes}), since each process's share of the data depends on it")
+            f"on {saved.processes} (leave --gpus out, or --gpus {saved.processes}), since each process's share of the "
+            "data depends on it")
     if saved.sharded != procs.sharded:
-        raise TrainingError("this run was trained with FSDP: resume it with --accelerate-config fsdp" if saved.sharded
+        raise TrainingError("this run was trained with FSDP: resume it with FSDP (leave --accelerate-config out, or "
+                            "--accelerate-config fsdp)" if saved.sharded
                             else "this run was trained without FSDP: resume it without an FSDP accelerate config")
 
 

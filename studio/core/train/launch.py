@@ -84,14 +84,40 @@ def accelerate_config(name: str) -> Path:
     return path
 
 
+def as_trained(run_dir: str | Path) -> tuple[int, bool]:
+    """(processes, sharded) as the run's latest checkpoint was trained; (1, False) without one. A resume told
+    nothing else launches so: each process's share of the data depends on their number, and a sharded run's
+    optimizer state is stored by parameter name."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return 1, False
+    state = read_state(checkpoint)
+    return state.processes, state.sharded
+
+
+def inside_a_launch() -> bool:
+    """Whether this process is one that `accelerate launch` (or torchrun) started, the studio's or a person's own:
+    it trains, and must never launch processes of its own."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def how_trained(processes: int, sharded: bool) -> str:
+    """'on 2 processes with FSDP': the words for a launch that follows a run's checkpoint."""
+    return f"on {processes} process{'es' if processes != 1 else ''}" + (" with FSDP" if sharded else "")
+
+
 def command(launch: Launch, cli_args: Sequence[str]) -> list[str]:
     """The `accelerate launch` command line that runs `lora-studio CLI_ARGS` in every process."""
     if launch.processes < 1 or launch.machines < 1 or not 0 <= launch.machine_rank < launch.machines:
         raise TrainingError(f"cannot launch {launch.processes} process(es) on machine {launch.machine_rank} of "
                             f"{launch.machines}: give at least one process and machine")
+    if inside_a_launch():
+        raise TrainingError("this process was itself started by accelerate launch: run `lora-studio` without --gpus, "
+                            "--nodes or --accelerate-config there (accelerate starts the processes)")
     port = launch.main_port or _free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--config_file", launch.config_file] if launch.config_file else ["--multi_gpu"]
+    several = launch.processes * launch.machines > 1  # accelerate refuses --multi_gpu for one process (--gpus 1)
+    cmd += ["--config_file", launch.config_file] if launch.config_file else ["--multi_gpu"] if several else []
     cmd += ["--num_processes", str(launch.processes * launch.machines), "--num_machines", str(launch.machines),
             "--machine_rank", str(launch.machine_rank), "--main_process_ip", launch.main_address,
             "--main_process_port", str(port), "--dynamo_backend", "no"]
@@ -156,8 +182,10 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
-        settings = f" --accelerate-config {launch.config_file}" if launch.config_file else ""
-        message += f"; resume it with `lora-studio resume {run_dir} --gpus {launch.processes}{settings}`"
+        # a resume follows the checkpoint's processes and sharding; only a config file of one's own is named
+        shipped = launch.config_file is None or Path(launch.config_file).parent == resources_root() / "accelerate"
+        settings = "" if shipped else f" --accelerate-config {launch.config_file}"
+        message += f"; resume it with `lora-studio resume {run_dir}{settings}`"
     step = read_state(checkpoint).step if checkpoint is not None else 0
     failed = ev.Failed(message, step, str(checkpoint) if checkpoint is not None else None)
     if is_run_folder(run_dir):

@@ -103,17 +103,17 @@ def test_a_killed_process_ends_the_run_in_one_line_and_resume_continues_it(tiny_
     assert launcher.returncode == 2
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("lora-studio: ") and "process 1 of the run was ended by SIGKILL" in last, stderr
-    assert "resume it with `lora-studio resume" in last and "(last checkpoint: " in last
+    assert f"resume it with `lora-studio resume {run_dir}`" in last and "(last checkpoint: " in last
     assert "Traceback" not in stderr
     assert read_records(run_dir)[-1]["event"] == "Failed"  # the run folder says how it ended
 
-    resumed = _cli("resume", str(run_dir), "--gpus", "2")
+    refused = _cli("resume", str(run_dir), "--gpus", "1", "--max-steps", "44")  # another share of the data each
+    assert refused.returncode == 2 and "resume it on 2" in refused.stderr, refused.stderr
+    resumed = _cli("resume", str(run_dir))  # no --gpus: on the checkpoint's 2 processes
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming on 2 processes, as the run was trained" in resumed.stderr
     steps = [r["step"] for r in read_records(run_dir) if r["event"] == "StepMetrics"]
     assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
-
-    refused = _cli("resume", str(run_dir), "--max-steps", "44")  # one process: another share of the data each
-    assert refused.returncode == 2 and "resume it on 2" in refused.stderr, refused.stderr
 
 
 def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint(tiny_model_folder, tmp_path):
@@ -241,11 +241,12 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
     os.kill(next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1"), signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=300)
     assert launcher.returncode == 2 and "process 1 of the run was ended by SIGKILL" in stderr, stderr
-    assert "--gpus 2 --accelerate-config " in stderr and "fsdp.yaml`" in stderr  # how to resume it as it ran
-    refused = _cli("resume", str(killed_dir), "--gpus", "2")  # DDP: its optimizer state is stored another way
-    assert refused.returncode == 2 and "resume it with --accelerate-config fsdp" in refused.stderr, refused.stderr
-    resumed = _cli("resume", str(killed_dir), "--gpus", "2", "--accelerate-config", "fsdp")
+    assert f"resume it with `lora-studio resume {killed_dir}`" in stderr  # which follows how it ran
+    refused = _cli("resume", str(killed_dir), "--accelerate-config", "ddp")  # its optimizer state is stored by name
+    assert refused.returncode == 2 and "resume it with FSDP" in refused.stderr, refused.stderr
+    resumed = _cli("resume", str(killed_dir))  # no flags: 2 processes with FSDP, as the checkpoint says
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming on 2 processes with FSDP, as the run was trained" in resumed.stderr
     losses = _losses(killed_dir)
     assert sorted(losses) == list(range(1, 13))
     # steps 5 and 6 ran again after the resume: the same as the unbroken run's (the schedule is constant)
@@ -265,3 +266,12 @@ def test_an_accelerate_config_the_engine_cannot_follow_is_refused_in_one_line(ti
     refused = _cli("train", run_file, "--accelerate-config", str(fsdp1))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "FSDP version 1" in refused.stderr and "fsdp_version: 2" in refused.stderr
+
+
+def test_a_process_accelerate_started_never_launches_processes_of_its_own(monkeypatch):
+    """What keeps `resume` (which launches as its checkpoint says) from starting processes inside its processes."""
+    from studio.core.errors import TrainingError
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # as accelerate launch sets it for its children
+    with pytest.raises(TrainingError, match="started by accelerate launch"):
+        command(Launch(2), ["resume", "runs/x"])
