@@ -52,6 +52,8 @@ class MemorySettings:
     seq_len: int = 512
     gradient_checkpointing: bool = False
     quantization: str | None = None  # "4bit" with QLoRA
+    gpus: int = 1  # the estimate is then each GPU's
+    sharded: bool = False  # the base sharded across the GPUs (FSDP)
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,9 @@ class AdapterPanel(QWidget):
         assert est is not None and fit is not None
         self.memory_bar.set_estimate(est, self._machine.gpu_bytes)
         where = f" of {human_bytes(self._machine.gpu_bytes)}" if self._machine.gpu_bytes else " for a CUDA run"
+        m = self._memory
+        if m.gpus > 1:
+            where += f" on each of {m.gpus} GPUs" + (", the base sharded (FSDP)" if m.sharded else "")
         self.verdict_label.setText(f"{VERDICT_TEXT[fit.verdict]}: needs ~{human_bytes(est.total)}{where}")
         self.verdict_label.setStyleSheet(f"color: {VERDICT_COLOUR[fit.verdict]}; font-weight: bold;")
         self.advice_label.setText(fit.advice[:1].upper() + fit.advice[1:])
@@ -279,7 +284,7 @@ class AdapterPanel(QWidget):
         m = self._memory
         counts = count(tree, plan)
         est = estimate(tree, plan, counts, batch_size=m.batch_size, seq_len=m.seq_len, quantization=m.quantization,
-                       gradient_checkpointing=m.gradient_checkpointing)
+                       gradient_checkpointing=m.gradient_checkpointing, gpus=m.gpus, sharded=m.sharded)
         fit = judge(est, self._machine.gpu_bytes, gradient_checkpointing=m.gradient_checkpointing,
                     quantization=m.quantization, batch_size=m.batch_size)
         return PlanNumbers(counts, est, fit)

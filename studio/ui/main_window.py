@@ -205,6 +205,11 @@ class MainWindow(QMainWindow):
         form = self.train_panel.form
         self.data_panel.set_batch(form.batch_size.value(), form.gradient_accumulation.value())
 
+    @Slot()
+    def _on_gpus_changed(self) -> None:
+        form = self.train_panel.form
+        self.adapter_panel.set_memory_settings(gpus=form.processes(), sharded=form.sharded())
+
     @Slot(object)
     def _on_data_analysed(self, analysis: object) -> None:
         prepared = getattr(analysis, "prepared", None)
@@ -223,6 +228,8 @@ class MainWindow(QMainWindow):
         form.gradient_checkpointing.toggled.connect(memory.checkpointing_check.setChecked)
         memory.checkpointing_check.toggled.connect(form.gradient_checkpointing.setChecked)
         memory.qlora_check.toggled.connect(self.train_panel.set_qlora)
+        form.gpus.valueChanged.connect(self._on_gpus_changed)  # the estimate is then each GPU's, sharded or not
+        form.shard.toggled.connect(self._on_gpus_changed)
         # an epoch in steps needs the data's example count and the batch: the form and the data tab tell each other
         for spin in (form.batch_size, form.gradient_accumulation):
             spin.valueChanged.connect(self._on_batch_changed)

@@ -245,10 +245,11 @@ class TrainPanel(QWidget):
         self.progress.setRange(0, steps)
         self.progress.setValue(0)
         self._form_as_run = config.training
-        processes = self.form.processes()
+        processes, sharded = self.form.processes(), self.form.sharded()
         if processes > 1:
-            self._log(f"Training on {processes} GPUs, one process each (accelerate launch)")
-        return self.session.start(config, self._base_for(config), processes)
+            shards = ", the base sharded between them (FSDP)" if sharded else ""
+            self._log(f"Training on {processes} GPUs, one process each (accelerate launch){shards}")
+        return self.session.start(config, self._base_for(config), processes, sharded)
 
     @Slot()
     def resume(self) -> None:

@@ -115,6 +115,11 @@ class TrainingForm(QWidget):
         self.gpus = _spin(1, 1, "GPUs to train on, one process each: every step's batch is split between them "
                                 "(Batch size is per GPU)")
         self.gpus_label = QLabel("GPUs")
+        self.shard = QCheckBox("Shard the base (FSDP)")
+        self.shard.setToolTip(
+            "Each GPU keeps only its slice of the base's weights (and of the adapter and its optimizer state), "
+            "gathering a layer's whole weights while it runs. It pays when the base does not fit one GPU; on a "
+            "model that does, it is slower than one whole copy per GPU. Needs 2 GPUs or more.")
 
         length = QWidget()  # steps or epochs, the unit, and what that is in the other unit
         length_row = QHBoxLayout(length)
@@ -143,6 +148,7 @@ class TrainingForm(QWidget):
         self.gpus.setMaximumWidth(FIELD_WIDTH)
         grid.addWidget(self.gpus_label, row + 1, 0)
         grid.addWidget(self.gpus, row + 1, 1)
+        grid.addWidget(self.shard, row + 1, 2, 1, 2)
         self.set_gpu_count(0)
         grid.setColumnStretch(2 * PAIRS_PER_ROW, 1)
         self.set_training_config(FORM_DEFAULTS)
@@ -153,6 +159,7 @@ class TrainingForm(QWidget):
             spin.valueChanged.connect(self.sig_changed)
         self.schedule.currentIndexChanged.connect(self.sig_changed)
         self.gradient_checkpointing.toggled.connect(self.sig_changed)
+        self.gpus.valueChanged.connect(self._update_shard)
         self.epochs.valueChanged.connect(self.sig_changed)
         self.length_unit.currentIndexChanged.connect(self.sig_changed)
         for widget in (self.epochs, self.length_unit, self.batch_size, self.gradient_accumulation, self.max_steps):
@@ -168,10 +175,19 @@ class TrainingForm(QWidget):
             self.gpus.setValue(count)
         self.gpus.setVisible(several)
         self.gpus_label.setVisible(several)
+        self.shard.setVisible(several)
+        self._update_shard()
 
     def processes(self) -> int:
         """The processes a run started from the form trains on: one per chosen GPU (1 on a machine with one)."""
         return self.gpus.value() if self.gpus.maximum() > 1 else 1
+
+    def sharded(self) -> bool:
+        """Whether a run started from the form shards its base across its GPUs (FSDP)."""
+        return self.shard.isChecked() and self.processes() > 1
+
+    def _update_shard(self) -> None:
+        self.shard.setEnabled(self.processes() > 1)  # one GPU has nothing to share the weights with
 
     def in_epochs(self) -> bool:
         return self.length_unit.currentData() == "epochs"

@@ -31,6 +31,7 @@ from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
 from studio.core.runconfig import RunConfig, TrainingConfig
 from studio.core.train.engine import TrainControl
+from studio.core.train.launch import Launch, accelerate_config
 from studio.ui.worker import BackgroundJob, Report, WorkFailed
 
 EngineCall = Callable[[TrainControl, Report], "ev.Finished | ev.Failed"]
@@ -51,12 +52,9 @@ def _copy_of(base: LoadedModel | None) -> LoadedModel | None:
     return replace(base, model=copy.deepcopy(base.model))
 
 
-def _processes_of(run_dir: Path) -> int:
-    """How many processes the run trained on, as its latest checkpoint records (1 without one)."""
-    from studio.core.train.checkpoints import latest_checkpoint, read_state
-
-    checkpoint = latest_checkpoint(run_dir)
-    return read_state(checkpoint).processes if checkpoint is not None else 1
+def _launch_plan(processes: int, sharded: bool) -> Launch:
+    """One process per GPU; with `sharded`, under the shipped FSDP accelerate config."""
+    return Launch(processes, config_file=str(accelerate_config("fsdp")) if sharded else None)
 
 
 def yield_cpu_to_the_window() -> None:
@@ -94,17 +92,19 @@ class TrainingSession(QObject):
 
     # ---- starting -------------------------------------------------------------------------------------------
 
-    def start(self, config: RunConfig, base: LoadedModel | None = None, processes: int = 1) -> bool:
+    def start(self, config: RunConfig, base: LoadedModel | None = None, processes: int = 1,
+              sharded: bool = False) -> bool:
         """Train `config` from scratch in a new run folder under its output_dir. False while a run is active.
 
         `base`: the model the window has open, when it is what the engine would open for `config`; the run
         trains a private copy of it instead of reading the weights again (see `_copy_of`). `processes` > 1: one
-        process per GPU, started through accelerate (launch.py); their events arrive here the same way."""
+        process per GPU, started through accelerate (launch.py); their events arrive here the same way.
+        `sharded`: those processes shard the base between them (FSDP)."""
         from studio.core.train import engine, launch
 
         if processes > 1:
             return self._launch(lambda control, report: launch.train_on_processes(
-                config, launch.Launch(processes), report, control))
+                config, _launch_plan(processes, sharded), report, control))
         return self._launch(lambda control, report: engine.train(config, report, control, loaded=_copy_of(base)))
 
     def resume_run(self, run_dir: str | Path, training: TrainingConfig | None = None,
@@ -120,12 +120,13 @@ class TrainingSession(QObject):
         def run(control: TrainControl, report: Report) -> ev.Finished | ev.Failed:
             try:
                 config = load(Path(run_dir) / run_layout.RUN_FILE)
+                processes, sharded = launch.as_trained(run_dir)  # a resume launches as the run was trained
             except StudioError as exc:
                 failed = ev.Failed(str(exc), 0)
                 report(failed)
                 return failed
-            processes = _processes_of(Path(run_dir))
-            if processes > 1:  # its processes read the run's own run.yaml; only the step budget travels with them
+            if processes > 1 or sharded:  # its processes read the run's own run.yaml; only the step budget travels
+                report(ev.LogMessage(f"Resuming {launch.how_trained(processes, sharded)}, as the run was trained"))
                 changed = training is not None and replace(training, max_steps=config.training.max_steps) != \
                     config.training
                 if changed:
@@ -133,7 +134,7 @@ class TrainingSession(QObject):
                                        "change (start a new run for other settings)", 0)
                     report(failed)
                     return failed
-                return launch.resume_on_processes(run_dir, launch.Launch(processes), report, control,
+                return launch.resume_on_processes(run_dir, _launch_plan(processes, sharded), report, control,
                                                   max_steps=training.max_steps if training else None)
             if training is not None:
                 config = replace(config, training=training)

@@ -13,6 +13,8 @@ from PySide6.QtWidgets import QMessageBox
 
 from studio.core import events as ev
 from studio.core.train.checkpoints import latest_checkpoint
+from studio.core.train.run_folder import read_records
+from studio.core.units import human_bytes
 from studio.ui.main_window import MainWindow
 from studio.ui.training_session import SessionState
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
@@ -247,4 +249,48 @@ def test_on_several_gpus_the_window_trains_one_process_each_and_its_plots_follow
     assert panel.progress.value() == 4
     run_dir = Path(result.run_dir)
     assert recorded_steps(run_dir) == [1, 2, 3, 4] and latest_checkpoint(run_dir).name == "step-2"
+    qtbot.waitUntil(lambda: not panel.session.is_active())
+
+
+def test_a_ticked_shard_box_trains_sharded_prices_each_gpu_sharded_and_resumes_sharded(
+        qtbot, settings, opened_tiny, tmp_path):
+    """"Shard the base (FSDP)" on a machine the form sees with two GPUs: the estimate becomes each GPU's with the
+    base sharded, the run's two gloo processes shard the model, and Resume launches them sharded again (as the
+    checkpoint says) without the box's say."""
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    window.show_model(opened_tiny)
+    configure_tiny_run(window, write_demo_rows(tmp_path / "tiny.jsonl", 16), tmp_path / "runs", 4, save_every=2)
+    panel, verdict = window.train_panel, window.adapter_panel.verdict_label
+    assert panel.form.shard.isHidden()  # this machine: no CUDA GPU
+    panel.form.set_gpu_count(2)
+    panel.form.gpus.setValue(1)
+    assert not panel.form.shard.isEnabled()  # one GPU has no one to share with
+    panel.form.gpus.setValue(2)
+    whole = window.adapter_panel.numbers.estimate
+    assert panel.form.shard.isEnabled() and "on each of 2 GPUs" in verdict.text() and "sharded" not in verdict.text()
+    panel.form.shard.setChecked(True)
+    sharded = window.adapter_panel.numbers.estimate
+    assert sharded.adapter < whole.adapter and sharded.weights != whole.weights  # each GPU's slice
+    assert f"~{human_bytes(sharded.total)} " in verdict.text()
+    assert verdict.text().endswith("on each of 2 GPUs, the base sharded (FSDP)")
+
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as finished:
+        assert panel.start()
+    result = finished.args[0]
+    assert isinstance(result, ev.Finished) and result.step == 4, result
+    run_dir = Path(result.run_dir)
+    assert any(r["event"] == "LogMessage" and r["text"].startswith("FSDP: each of the 2 processes holds a slice")
+               for r in read_records(run_dir))
+    assert "the base sharded between them (FSDP)" in panel.log_view.toPlainText()
+    qtbot.waitUntil(lambda: not panel.session.is_active())
+
+    panel.form.shard.setChecked(False)  # a resume follows the checkpoint, not the box
+    panel.form.max_steps.setValue(6)
+    with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as finished:
+        panel.resume()
+    assert isinstance(finished.args[0], ev.Finished) and finished.args[0].step == 6, finished.args[0]
+    assert "Resuming on 2 processes with FSDP, as the run was trained" in panel.log_view.toPlainText()
+    assert recorded_steps(run_dir)[-3:] == [4, 5, 6]
     qtbot.waitUntil(lambda: not panel.session.is_active())
