@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,12 +33,13 @@ from studio.core.errors import StudioError
 from studio.core.model.loading import LoadedModel
 from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig, load, remote_code_warning, save
 from studio.core.train.checkpoints import latest_checkpoint
-from studio.core.train.run_folder import event_from, read_records
+from studio.core.train.run_folder import event_from, latest_history, read_records
 from studio.ui.model_loader import OpenedModel
 from studio.ui.plan_state import PlanState
 from studio.ui.plots import TrainingPlots
 from studio.ui.training_form import TrainingForm
 from studio.ui.training_session import SessionState, TrainingSession
+from studio.ui.worker import BackgroundJob, WorkFailed
 
 DEFAULT_RUNS_DIR = Path.home() / "lora-studio" / "runs"
 LEVEL_COLOUR = {"info": "#303030", "warning": "#b26a00", "error": "#c62828", "event": "#1f5fa8"}
@@ -52,6 +53,20 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """A run's curves as they stand (a resume from an earlier checkpoint replaced the steps after it)."""
+
+    run_dir: Path
+    steps: tuple[ev.StepMetrics, ...]
+    evals: tuple[ev.EvalMetrics, ...]
+
+
+def run_history(run_dir: Path) -> RunHistory:
+    steps, evals = latest_history(read_records(run_dir))
+    return RunHistory(run_dir, tuple(event_from(r) for r in steps), tuple(event_from(r) for r in evals))
 
 
 def _log_level(event: object) -> str:
@@ -77,6 +92,7 @@ class TrainPanel(QWidget):
         self.quantization: str | None = None  # "4bit" when the adapter panel asks for QLoRA (set_qlora)
         self.failure_dialog: QMessageBox | None = None
         self.remote_code_dialog: QMessageBox | None = None
+        self._history_job: BackgroundJob | None = None  # reading the curves of a run about to resume
         self._form_as_run: TrainingConfig | None = None  # the form's settings when it last showed the run's own
         self.session = TrainingSession(self)
         self.session.sig_event.connect(self._on_session_event)
@@ -304,19 +320,33 @@ class TrainPanel(QWidget):
         except StudioError as exc:
             self._show_error(f"Cannot resume: {exc}")
             return
+        if self._history_job is not None and self._history_job.is_running():
+            return  # already reading a run's curves: that run resumes once they are in
         self.form.set_training_config(config.training)
         self._form_as_run = self.form.training_config(config.training)
         self.form.max_length.setValue(int(config.data.get("max_length", self.form.max_length.value())))
         self.plots.clear()
         self.plots.set_step_range(self.form.max_steps.value())
-        for event in (event_from(record) for record in read_records(run_dir)):
-            if isinstance(event, ev.StepMetrics):
-                self.plots.add_step(event)
-            elif isinstance(event, ev.EvalMetrics):
-                self.plots.add_eval(event)
         self.log_view.clear()
-        self.session.run_dir = run_dir
+        self._log(f"Reading the curves of {run_dir}")
+        # a long run's metrics.jsonl takes seconds to read: off the UI thread, then the run resumes
+        self._history_job = BackgroundJob(lambda _report: run_history(run_dir), name="run-history")
+        self._history_job.worker.sig_result.connect(self._on_history_read)
+        self._history_job.worker.sig_failed.connect(self._on_history_failed)
+        self._history_job.start()
+
+    @Slot(object)
+    def _on_history_read(self, history: RunHistory) -> None:
+        for step in history.steps:
+            self.plots.add_step(step)
+        for evaluation in history.evals:
+            self.plots.add_eval(evaluation)
+        self.session.run_dir = history.run_dir
         self.resume()
+
+    @Slot(object)
+    def _on_history_failed(self, failure: WorkFailed) -> None:
+        self._show_error(f"Cannot resume: {failure.message}")
 
     @Slot()
     def save_config(self) -> None:

@@ -16,6 +16,7 @@ from studio.core.train.checkpoints import latest_checkpoint
 from studio.core.train.run_folder import read_records
 from studio.core.units import human_bytes
 from studio.ui.main_window import MainWindow
+from studio.ui.train_panel import run_history
 from studio.ui.training_session import SessionState
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import collect_dead_windows, configure_tiny_run, write_demo_rows
@@ -195,6 +196,10 @@ def test_a_run_whose_loss_became_nan_leaves_the_window_alive_and_resumes_with_a_
     assert isinstance(result, ev.Finished) and result.step == 6 and result.run_dir == str(run_dir)
     assert "resumed with changed settings: learning_rate 10000.0 -> 0.001" in panel.log_view.toPlainText()
     assert recorded_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    # what Resume in the Runs tab draws: each step once, step 2 as it was redone (the failed run's record too)
+    history = run_history(run_dir)
+    assert [m.step for m in history.steps] == [1, 2, 3, 4, 5, 6]
+    assert [m.loss for m in history.steps] == panel.plots.loss_raw.buffer.y.tolist()
     qtbot.waitUntil(lambda: not panel.session.is_active())
 
 
@@ -213,8 +218,9 @@ def test_resuming_a_run_file_that_lets_the_model_run_its_own_code_warns_first(qt
     panel = window.train_panel
     with qtbot.waitSignal(panel.sig_run_finished, timeout=300_000) as resumed:
         panel.continue_run(first.run_dir)
+        qtbot.waitUntil(lambda: panel.remote_code_dialog is not None)  # once the run's curves are read
         dialog = panel.remote_code_dialog
-        assert dialog is not None and dialog.isVisible()
+        assert dialog.isVisible()
         assert dialog.text() == (f"Model.trust_remote_code is true: Python code that comes with {tiny_model_folder} "
                                  "will run on this machine with your permissions; keep it only for a model source "
                                  "you trust")
