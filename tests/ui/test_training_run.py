@@ -25,6 +25,7 @@ from studio.core.runconfig import load
 from studio.core.train.run_folder import read_curves
 from studio.ui.main_window import MainWindow
 from studio.ui.playground import DEFAULT_PROMPT
+from studio.ui.training_session import SessionState
 from tests.ui.test_screenshots import SIZE, distinct_colours, target
 from tests.ui.tiny_run import Heartbeat, configure_tiny_run, wait_until, write_demo_rows
 
@@ -337,10 +338,15 @@ def test_resume_from_the_runs_panel_shows_the_history_and_continues_from_the_che
     original = run.of(ev.StepMetrics)
     events: list[object] = []
     session.sig_event.connect(events.append)
-    panel.resume_button.click()  # the run's newest checkpoint is step 2: steps 3 and 4 run again
-    assert window.current_panel() is window.train_panel and session.is_active()
     plots = window.train_panel.plots
-    assert plots.loss_raw.buffer.x.tolist() == [1.0, 2.0, 3.0, 4.0]  # the history, shown before the run resumes
+    shown_at_start: list[list[float]] = []  # the curves as the session starts running: the history, read off the
+    session.sig_state_changed.connect(  # UI thread, is drawn before the run resumes
+        lambda state: shown_at_start.append(plots.loss_raw.buffer.x.tolist()) if state is SessionState.RUNNING
+        else None)
+    panel.resume_button.click()  # the run's newest checkpoint is step 2: steps 3 and 4 run again
+    assert window.current_panel() is window.train_panel
+    qtbot.waitUntil(lambda: bool(shown_at_start), timeout=30_000)
+    assert shown_at_start[0] == [1.0, 2.0, 3.0, 4.0]
     qtbot.waitUntil(lambda: not session.is_active(), timeout=300_000)
     started = next(e for e in events if isinstance(e, ev.RunStarted))
     assert started.start_step == 2 and started.run_dir == run.finished.run_dir
