@@ -175,7 +175,7 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     forward()  # what came between the last look and the end
     last = ends[-1] if ends else None
     cause = _root_cause(log_file) if process.returncode else None
-    if last is not None and (cause is None or cause[0] == 0):
+    if last is not None and _main_knows(cause):
         return last
     # no process could say how the run ended, or the main one only saw another go (killed, and torchrun stopped the
     # rest): say it here, in the run folder too, now that none of them writes to it any more
@@ -268,8 +268,8 @@ def _reason(log_file: Path, returncode: int | None) -> str:
     cause = _root_cause(log_file)
     said = next((line.split("lora-studio: ", 1)[1] for line in text.splitlines() if line.startswith("lora-studio: ")),
                 None)
-    if said and (cause is None or cause[0] == 0):
-        return said
+    if said and _main_knows(cause):
+        return re.sub(r"^Failed at step \d+: ", "", said)  # the Failed event made here says the step again
     if cause is None:
         return f"the run's processes ended without a result (exit code {returncode}): see {log_file}"
     rank, code = cause
@@ -278,6 +278,13 @@ def _reason(log_file: Path, returncode: int | None) -> str:
     name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
     why = " (the system does this when memory runs out)" if name == "SIGKILL" else ""
     return f"process {rank} of the run was ended by {name}{why} and the others were stopped"
+
+
+def _main_knows(cause: tuple[int, int] | None) -> bool:
+    """Whether the main process's own account of the end is the whole story: no process failed, the main one did,
+    or another one refused in one line (exit code 2: bad input, which every process meets alike, whichever ends
+    first)."""
+    return cause is None or cause[0] == 0 or cause[1] == 2
 
 
 def _root_cause(log_file: Path) -> tuple[int, int] | None:
