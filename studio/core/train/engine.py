@@ -9,7 +9,8 @@ exactly (adapter weights, optimizer, scheduler, RNG states and the data position
 The defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full logits, over
 the tokens that carry loss only (losses.py, `fused_loss`); on a CUDA GPU, once a run is long enough to repay
 compiling, torch.compile on each decoder layer (compilation.py, `compile_layers`); on the CPU, LoRA's dropout masks
-drawn sparsely (dropout.py). A step syncs the host once, after backward, to read its loss and norm.
+drawn sparsely (dropout.py). A step syncs the host once, to read its loss and norm, and does so a step late
+(`_Reports`) so that the device does not wait for the host.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from studio.core.errors import DivergedError, StudioError, TrainingError, WriteE
 from studio.core.files import atomic_folder, blocking_file, write_atomic, write_failure
 from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig, dump, load
-from studio.core.train import sharding
+from studio.core.train import optimization, sharding
 from studio.core.train.batching import Batches, StepBatch
 from studio.core.train.checkpoints import (
     RunState,
@@ -395,101 +396,199 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
 
 
 def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | ev.Failed:
-    """The optimizer steps, top to bottom: control, batch, forward/backward, clip, one host sync, step, report."""
-    import torch
-
-    from studio.core.train import optimization
-
-    t, state, accelerator, procs = run.config.training, run.state, run.accelerator, run.procs
+    """The optimizer steps, top to bottom: control, batch, forward/backward, clip, step, then the host reads the
+    previous step's numbers (`_Reports`) while the device runs this one."""
+    t, state, procs = run.config.training, run.state, run.procs
     prefetched: dict[int, StepBatch] = {}
     spectrum_next = state.step
-    agreed: tuple[bool, bool] = (False, False)  # (stop, pause), as all processes heard it with the last step
-    while state.step < t.max_steps:
-        stop, pause = agreed if procs.world > 1 else (control.stop_requested, control.pause_requested)
-        if stop:
-            return _finish(run, emit, stopped=True)
-        if pause and procs.world > 1:  # processes cannot wait in place: a pause ends them with a checkpoint
-            emit(ev.LogMessage("paused: the run's processes end with a checkpoint; Resume continues it"))
-            return _finish(run, emit, stopped=True)
-        if pause:
-            path = _save_checkpoint(run)
-            emit(ev.CheckpointSaved(state.step, str(path)))
-            emit(ev.Paused(state.step, str(path)))
-            control.wait_while_paused()
-            if not control.stop_requested:
-                emit(ev.Resumed(state.step))
-            continue
-        run.compile.before_step(t.max_steps - state.step)
+    reports = _Reports(run, emit)
+    try:
+        while state.step < t.max_steps:
+            stop, pause = reports.agreed if procs.world > 1 else (control.stop_requested, control.pause_requested)
+            if stop:
+                reports.settle()
+                return _finish(run, emit, stopped=True)
+            if pause and procs.world > 1:  # processes cannot wait in place: a pause ends them with a checkpoint
+                reports.settle()
+                emit(ev.LogMessage("paused: the run's processes end with a checkpoint; Resume continues it"))
+                return _finish(run, emit, stopped=True)
+            if pause:
+                reports.settle()
+                path = _save_checkpoint(run)
+                emit(ev.CheckpointSaved(state.step, str(path)))
+                emit(ev.Paused(state.step, str(path)))
+                control.wait_while_paused()
+                if not control.stop_requested:
+                    emit(ev.Resumed(state.step))
+                reports.restart_clock()
+                continue
+            prefetched = _step(run, reports, control, prefetched)
+            spectra = t.spectrum_every and state.step >= spectrum_next
+            evaluate = t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps
+            save = t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps
+            if not (spectra or evaluate or save):
+                reports.read()
+                continue
+            reports.settle()  # each of these follows its step's report, and no checkpoint holds a diverged step
+            if spectra:
+                _emit_spectra(run, emit)
+                spectrum_next = state.step + t.spectrum_every
+            if evaluate:
+                with run.compile.eager(), run.attention.plain():
+                    _evaluate(run, emit)
+            if save:
+                emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
+            reports.restart_clock()
+    except Exception as exc:
+        if not isinstance(exc, DivergedError):  # the steps the device finished before the failure are reported
+            with contextlib.suppress(Exception):
+                reports.settle()
+        raise
 
-        started = time.perf_counter()
-        if run.is_cuda:
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
-        run.model.train()
-        batch = prefetched.pop(state.step, None) or _on_device(run, run.batches.for_step(state.step))
-        try:
-            micro_losses = _forward_backward(run, batch)
-        except Exception as exc:
-            if not run.compile.fall_back(exc):
-                raise
-            run.optimizer.zero_grad(set_to_none=True)  # the step again, eager
-            micro_losses = _forward_backward(run, batch)
-        grad_norm = optimization.clip_gradients(accelerator, run.params, t.max_grad_norm)
-        if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
-            prefetched = {state.step + 1: _on_device(run, run.batches.for_step(state.step + 1))}
-        # the step's one host sync (and, on several processes, its one collective): every process's loss, the
-        # gradient norm (the same on all after DDP's all-reduce), tokens, peak memory and stop/pause requests
-        request = read_request(run.run_dir) if procs.world > 1 and procs.is_main else None
-        peak = torch.cuda.max_memory_allocated(accelerator.device) if run.is_cuda else 0
-        row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
-        row = torch.cat([row, torch.tensor([batch.tokens, batch.positions, peak,
-                                            control.stop_requested or request == "stop",
-                                            control.pause_requested or request == "pause"],
-                                           dtype=torch.float64).to(row.device, non_blocking=True)])
-        rows = procs.gather_rows(row)
-        loss_sum = sum(r[0] for r in rows) / len(rows)  # each process's loss is scaled to the global token count
-        grad_norm = rows[0][1]
-        tokens = int(sum(r[2] for r in rows))
-        positions = int(sum(r[3] for r in rows))
-        agreed = (any(r[5] for r in rows), any(r[6] for r in rows))
-        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
-            raise DivergedError(
-                f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {state.step + 1}: "
-                f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
-            )
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_seen += tokens
-        step_time = time.perf_counter() - started
-        run.compile.after_step(step_time)
-        state.elapsed_s += step_time
-        state.last_loss = loss_sum
-        emit(ev.StepMetrics(
-            step=state.step, total_steps=t.max_steps, epoch=run.batches.epoch_at(state.step),
-            loss=loss_sum, lr=float(run.scheduler.get_last_lr()[0]), grad_norm=grad_norm,
-            tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
-            tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
-            eta_s=state.elapsed_s / state.step * (t.max_steps - state.step),
-            gpu_mem_bytes=int(max(r[4] for r in rows)) if run.is_cuda else None,
-            gpu_mem_per_device=tuple(int(r[4]) for r in rows) if run.is_cuda and procs.world > 1 else None,
-            token_efficiency=tokens / positions if positions else None,
-        ))
-        if t.spectrum_every and state.step >= spectrum_next:
-            _emit_spectra(run, emit)
-            spectrum_next = state.step + t.spectrum_every
-        if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            with run.compile.eager(), run.attention.plain():
-                _evaluate(run, emit)
-        if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-            emit(ev.CheckpointSaved(state.step, str(_save_checkpoint(run))))
-
+    reports.settle()
     if run.prepared.val:
         with run.compile.eager(), run.attention.plain():
             _evaluate(run, emit)
     if t.spectrum_every:
         _emit_spectra(run, emit)
     return _finish(run, emit, stopped=False)
+
+
+def _step(run: _Run, reports: _Reports, control: TrainControl, prefetched: dict[int, StepBatch]
+          ) -> dict[int, StepBatch]:
+    """One optimizer step queued on the device (its report too); returns the next step's batch, already on its way."""
+    t, state = run.config.training, run.state
+    run.compile.before_step(t.max_steps - state.step)
+    if run.is_cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(run.accelerator.device)
+    run.model.train()
+    batch = prefetched.pop(state.step, None) or _on_device(run, run.batches.for_step(state.step))
+    try:
+        micro_losses = _forward_backward(run, batch)
+    except Exception as exc:
+        if not run.compile.fall_back(exc):
+            raise
+        run.optimizer.zero_grad(set_to_none=True)  # the step again, eager
+        micro_losses = _forward_backward(run, batch)
+    grad_norm = optimization.clip_gradients(run.accelerator, run.params, t.max_grad_norm)
+    if state.step + 1 < t.max_steps:  # the host prepares the next step while the GPU finishes this one
+        prefetched = {state.step + 1: _on_device(run, run.batches.for_step(state.step + 1))}
+    rows = reports.gather(batch, micro_losses, grad_norm, control)  # before the step, which it may skip
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    reports.queue(rows)
+    return prefetched
+
+
+@dataclass
+class _Queued:
+    """A step on its way through the device: what the host reads once the device is done with it."""
+
+    step: int
+    rows: Any  # every process's [loss, gradient norm, tokens, positions, peak memory, stop, pause], in host memory
+    copied: Any  # the CUDA event after which `rows` holds them (None off CUDA)
+    lr: float
+    epoch: int
+
+
+class _Reports:
+    """Each step's numbers (loss, gradient norm, tokens, peak memory, stop and pause requests) as the host reads them:
+    one host sync (and, on several processes, one collective) a step. Where the optimizer can skip a step on the
+    device (torch's fused AdamW with `found_inf`), the host reads a step's numbers only after queueing the next step:
+    reading waits for the device, which then runs queued work instead of idling while the host queues it (on an H200
+    that idling took 31 ms of a compiled Llama-3-8B-shape step of 509 ms, bench/bench_engine.py). A diverged step is
+    then skipped on the device, and so are the steps queued after it, which keeps the last good weights until the
+    host reads it and ends the run; every checkpoint,
+    evaluation and spectrum follows `settle`."""
+
+    def __init__(self, run: _Run, emit: ev.Recorder) -> None:
+        self.run, self.emit = run, emit
+        # fp16's GradScaler decides the optimizer's skipping itself
+        self.lag = int(optimization.skips_on_device(run.optimizer) and run.accelerator.scaler is None)
+        self.queued: list[_Queued] = []
+        self.agreed: tuple[bool, bool] = (False, False)  # (stop, pause), as all processes heard it with the last step
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Step times count from here: a checkpoint, evaluation or pause is no part of the next step's time."""
+        self.clock = time.perf_counter()
+
+    def gather(self, batch: StepBatch, micro_losses: list[Any], grad_norm: Any, control: TrainControl
+               ) -> tuple[Any, Any]:
+        """The step's rows from all processes, on their way to the host (and the CUDA event that says they are
+        there); where the report lags, the optimizer step that follows is skipped on the device when the loss or the
+        norm is not finite."""
+        import torch
+
+        run = self.run
+        request = read_request(run.run_dir) if run.procs.world > 1 and run.procs.is_main else None
+        peak = torch.cuda.max_memory_allocated(run.accelerator.device) if run.is_cuda else 0
+        numbers = torch.tensor([batch.tokens, batch.positions, peak, control.stop_requested or request == "stop",
+                                control.pause_requested or request == "pause"], dtype=torch.float64)
+        row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
+        row = torch.cat([row, (numbers.pin_memory() if run.is_cuda else numbers).to(row.device, non_blocking=True)])
+        rows = run.procs.gather(row)
+        if self.lag:  # the processes' summed losses and the norm (the same on all): when not finite, this step and
+            # every later one (the run ends when the host reads it) are skipped
+            optimization.skip_from_now_if(run.optimizer, ~torch.isfinite(rows[:, 0].sum() + rows[0, 1]))
+        if not run.is_cuda:
+            return rows, None
+        # copied to (pinned) host memory right behind this step's work: a copy queued when the host reads would wait
+        # for the next step's work too
+        on_host, copied = rows.to("cpu", non_blocking=True), torch.cuda.Event()
+        copied.record()
+        return on_host, copied
+
+    def queue(self, rows: tuple[Any, Any]) -> None:
+        """The step just taken (after the scheduler's step: its report shows the learning rate the next step uses)."""
+        state = self.run.state
+        self.queued.append(_Queued(state.step, *rows, float(self.run.scheduler.get_last_lr()[0]),
+                                   self.run.batches.epoch_at(state.step)))
+
+    def read(self) -> None:
+        """Report the queued steps but the last `lag`."""
+        while len(self.queued) > self.lag:
+            self._report(self.queued.pop(0))
+
+    def settle(self) -> None:
+        """Report every queued step."""
+        while self.queued:
+            self._report(self.queued.pop(0))
+
+    def _report(self, queued: _Queued) -> None:
+        run, state, t = self.run, self.run.state, self.run.config.training
+        if queued.copied is not None:
+            queued.copied.synchronize()  # the sync: waits for the device to finish this step
+        rows = queued.rows.tolist()
+        loss_sum = sum(r[0] for r in rows) / len(rows)  # each process's loss is scaled to the global token count
+        grad_norm = rows[0][1]
+        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+            state.step = queued.step - 1  # the last good step, whose weights the skipped update left in place
+            raise DivergedError(
+                f"the loss became {'NaN' if loss_sum != loss_sum else 'infinite'} at step {queued.step}: "
+                f"lower the learning rate (now {t.learning_rate:g}) or use precision bf16 instead of fp16"
+            )
+        tokens, positions = int(sum(r[2] for r in rows)), int(sum(r[3] for r in rows))
+        self.agreed = (any(r[5] for r in rows), any(r[6] for r in rows))
+        now = time.perf_counter()
+        step_time, self.clock = now - self.clock, now
+        run.compile.after_step(step_time)
+        state.tokens_seen += tokens
+        state.elapsed_s += step_time
+        state.last_loss = loss_sum
+        self.emit(ev.StepMetrics(
+            step=queued.step, total_steps=t.max_steps, epoch=queued.epoch, loss=loss_sum, lr=queued.lr,
+            grad_norm=grad_norm, tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
+            tokens_seen=state.tokens_seen, elapsed_s=state.elapsed_s,
+            eta_s=state.elapsed_s / queued.step * (t.max_steps - queued.step),
+            gpu_mem_bytes=int(max(r[4] for r in rows)) if run.is_cuda else None,
+            gpu_mem_per_device=tuple(int(r[4]) for r in rows) if run.is_cuda and run.procs.world > 1 else None,
+            token_efficiency=tokens / positions if positions else None,
+        ))
 
 
 def _emit_spectra(run: _Run, emit: ev.Recorder) -> None:

@@ -48,3 +48,25 @@ def clip_gradients(accelerator: Any, params: list[Any], max_norm: float) -> Any:
         norm = torch.nn.utils.get_total_norm(grads)  # torch 2.6+, as FSDP2 is
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return torch.as_tensor(norm, device=accelerator.device)
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether the optimizer can skip a step on the device when told so by a tensor (`skip_from_now_if`), as torch's
+    fused Adam and AdamW do for GradScaler (`found_inf`), so that the host need not read the loss before stepping."""
+    import torch
+
+    inner = _torch_optimizer(optimizer)
+    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+
+
+def skip_from_now_if(optimizer: Any, condition: Any) -> None:
+    """The next step and every later one are skipped on the device once `condition` (a 0-dim bool tensor) holds."""
+    import torch
+
+    inner = _torch_optimizer(optimizer)
+    before = getattr(inner, "found_inf", None)
+    inner.found_inf = condition.float() if before is None else torch.maximum(before, condition.float())

@@ -53,12 +53,10 @@ class Processes:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
 
-    def gather_rows(self, values: Any) -> list[list[float]]:
-        """Every process's row of numbers (a 1-D float64 tensor on this process's device), as Python lists: one
-        collective and the step's one host sync."""
-        if self.world == 1:
-            return [values.tolist()]
-        return self.accelerator.gather(values.unsqueeze(0)).tolist()
+    def gather(self, values: Any) -> Any:
+        """Every process's row of numbers (a 1-D tensor on this process's device) as the rows of one tensor on the
+        device: one collective, queued without waiting for it."""
+        return values.unsqueeze(0) if self.world == 1 else self.accelerator.gather(values.unsqueeze(0))
 
     def gather_objects(self, items: Sequence[Any]) -> list[Any]:
         """Every process's items, concatenated in process order (on every process)."""

@@ -153,3 +153,30 @@ def test_after_the_loss_became_nan_the_last_good_checkpoint_resumes_with_a_lower
     assert "resumed with changed settings: learning_rate 10000.0 -> 0.001" in [r.get("text") for r in records]
     assert [r["step"] for r in records if r["event"] == "StepMetrics"] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["event"] == "Finished"
+
+
+def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_weights(tiny_model_folder, data_file,
+                                                                                       tmp_path):
+    """Without checkpoints or spectra the host reads each step's loss after queueing the next: the infinite step 3
+    (as above) and the step 4 queued after it must not change the weights, which equal a 2-step run's adapter."""
+    from studio.core.model.loading import open_model
+
+    loaded = open_model(str(tiny_model_folder), device="cpu")
+    config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", learning_rate=1e4, max_steps=6,
+                         save_every=0, spectrum_every=0)
+    events: list = []
+    failed = train(config, events.append, loaded=loaded)
+    assert isinstance(failed, ev.Failed) and failed.step == 2
+    assert failed.message.startswith("the loss became infinite at step 3:")
+    assert [e.step for e in events if isinstance(e, ev.StepMetrics)] == [1, 2]
+    kept = {k: v for k, v in loaded.model.named_parameters() if "lora_" in k}
+
+    two = train(replace(config, training=replace(config.training, max_steps=2)))
+    assert isinstance(two, ev.Finished)
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(two.adapter_dir) / "adapter_model.safetensors")
+    assert len(saved) == len(kept) == 8
+    for name, tensor in saved.items():
+        ours = next(v for k, v in kept.items() if k.replace(".default", "").endswith(name.split("model.", 1)[1]))
+        assert torch.equal(ours.detach(), tensor), name
