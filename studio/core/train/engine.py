@@ -502,8 +502,7 @@ class _Reports:
     reading waits for the device, which then runs queued work instead of idling while the host queues it (on an H200
     that idling took 31 ms of a compiled Llama-3-8B-shape step of 509 ms, bench/bench_engine.py). A diverged step is
     then skipped on the device, and so are the steps queued after it, which keeps the last good weights until the
-    host reads it and ends the run; every checkpoint,
-    evaluation and spectrum follows `settle`."""
+    host reads it and ends the run; every checkpoint, evaluation and spectrum follows `settle`."""
 
     def __init__(self, run: _Run, emit: ev.Recorder) -> None:
         self.run, self.emit = run, emit
