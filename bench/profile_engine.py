@@ -57,18 +57,22 @@ def main() -> None:
     summary = run_engine(folder, data, work / "run", args.steps, 1024, 8, args.variant, listener=listener)
     print(f"{args.variant}: {summary['tokens_per_s']:,.0f} tokens/s, "
           f"median step {summary['median_step_s'] * 1e3:.1f} ms")
-    kernels = [e for e in profiler.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    averages = profiler.key_averages()
+    kernels = [e for e in averages if e.device_type.name == "CUDA" and e.device_time_total > 0]
     total = sum(e.device_time_total for e in kernels)
     grouped: dict[str, float] = defaultdict(float)
     for e in kernels:
         grouped[group_of(e.key)] += e.device_time_total
-    per_step = 1e-3 / args.profiled
-    print(f"GPU busy {total * per_step:.1f} ms a step")
+    # the engine reports a step after queueing the next, so the window holds the kernels of the steps whose
+    # optimizer step the host queued inside it
+    steps_seen = sum(e.count for e in averages if e.key.startswith("Optimizer.step")) or args.profiled
+    per_step = 1e-3 / steps_seen
+    print(f"GPU busy {total * per_step:.1f} ms a step ({steps_seen} steps profiled)")
     for group, us in sorted(grouped.items(), key=lambda kv: -kv[1]):
         print(f"  {group:22s} {us * per_step:7.1f} ms  {us / total:6.1%}")
     print("top kernels (ms a step, calls a step):")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
-        print(f"  {e.device_time_total * per_step:7.2f}  {e.count // args.profiled:5d}  {e.key[:110]}")
+        print(f"  {e.device_time_total * per_step:7.2f}  {e.count // steps_seen:5d}  {e.key[:110]}")
 
 
 if __name__ == "__main__":
