@@ -33,7 +33,8 @@ tokens, bf16, the chunked loss, eager layers): LoRA 15.8 GiB estimated against 1
 made the norms float32, and bitsandbytes' Linear4bit then returned float32 outputs.) Compiled layers keep less
 (13.2 GiB for LoRA); with the model's own loss the peak was 28.5 GiB.
 
-On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch, plus the buckets in
+On several GPUs (DDP, `gpus` > 1) each GPU holds all of the above for its own micro-batch (with the chunked loss
+too, which DDP's forward runs), plus the buckets in
 which DDP all-reduces the gradients (accelerate leaves `gradient_as_bucket_view` off, so they are a second copy
 of the adapter's float32 gradients): the estimate is per GPU.
 
@@ -41,10 +42,11 @@ Under FSDP (`sharded`, accelerate's FSDP2 as resources/accelerate/fsdp.yaml sets
 the base weights, of the adapter, of its gradients (reduce-scattered, no DDP buckets) and of the optimizer states,
 and gathers whole weights only while they are used: two decoder layers at a time (the one running and the next,
 prefetched) and the output head, which accelerate keeps gathered from its forward through its backward. The
-activations are those of the GPU's own micro-batch, as under DDP. What shards is checked in the suite (every
+activations are those of the GPU's own micro-batch, on the model's own loss (the chunked loss would use the head's
+weight outside the forward that gathers it). What shards is checked in the suite (every
 parameter of a run is a 1/N slice); the per-GPU peak on two H200s (bench_multi_gpu.py --fsdp, batch 1 with gradient
-checkpointing): Llama-3-8B shape 11.3 GiB estimated against 11.2 measured (DDP: 17.5 against 17.4), 1B shape 3.4
-against 3.3 (DDP: 3.9 against 4.1).
+checkpointing): Llama-3-8B shape 11.3 GiB estimated against 11.2 measured (DDP, then on the model's own loss: 17.5
+against 17.4), 1B shape 3.4 against 3.3 (DDP: 3.9 against 4.1).
 
 It ignores: attention score matrices (it assumes SDPA / flash kernels, which do not materialise them), the
 allocator's fragmentation and caching, temporary buffers inside kernels, and the tokenizer and data loader.
@@ -171,8 +173,8 @@ def estimate(
 ) -> MemoryEstimate:
     """Estimate the GPU memory of a run (of each GPU when `gpus` > 1; `batch_size` is per GPU). Cheap (a pass over
     the tree), safe to call on every slider move. `counts`: `plan.count(tree, plan)`, which the caller has already
-    made (the adapter panel shows it too). `chunked_loss`: the engine's one-process default; it does not apply when
-    the output head is adapted or saved, nor on several GPUs. `sharded`: FSDP across the `gpus`."""
+    made (the adapter panel shows it too). `chunked_loss`: the engine's default; it does not apply when the output
+    head is adapted or saved, nor under FSDP. `sharded`: FSDP across the `gpus`."""
     for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("number of GPUs", gpus)):
         if value < 1:
             raise PlanError(f"the {name} must be at least 1, got {value}")
@@ -217,7 +219,7 @@ def estimate(
     head_changed = any(name in changed or tree[name].leaf in changed for name in heads)
     if tree.task != "causal-lm":
         logits = 0
-    elif chunked_loss and not head_changed and gpus == 1:
+    elif chunked_loss and not head_changed and not sharded:
         logits = min(tokens * shape.vocab, LOSS_CHUNK_ELEMENTS) * (2 + 4 + 2)
     else:
         logits = tokens * shape.vocab * (2 + 4 + 4)

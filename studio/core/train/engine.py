@@ -229,8 +229,8 @@ class _Run:
     state: RunState
     procs: Processes
     accelerator: Any
-    model: Any  # as accelerate wrapped it (DDP under several processes; under FSDP the PeftModel itself, sharded in
-    # place): forward and backward go through it
+    model: Any  # what forward and backward go through: the PeftModel, or a losses.ChunkedLoss around it, as accelerate
+    # prepared it (in DDP under several processes; under FSDP the PeftModel itself, sharded in place)
     trainable: Any  # the PeftModel itself: saved, evaluated, measured
     tokenizer: Any
     optimizer: Any
@@ -335,6 +335,23 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     is_lm = prepared.format != "classification"
 
+    packed = prepared.train.piece_starts is not None
+    batches = Batches(prepared.train, lambda examples: datamod.collate(examples, pad_id), batch_size=t.batch_size,
+                      accumulation=t.gradient_accumulation, world=accelerator.num_processes,
+                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm,
+                      lengths=prepared.train.lengths if t.group_by_length and not packed else None)
+    # the chunked loss (losses.py) replaces the model's own where it gives the same: checked on one row first. Under
+    # FSDP the head's weight is a slice outside the model's forward, so sharded runs keep the model's loss.
+    fused = is_lm and not procs.sharded and _fused_loss_on(t.fused_loss, peft_model, precision, emit)
+    if fused:
+        row = {k: v[:1].to(accelerator.device) for k, v in batches.for_step(start).micro[0].items()}
+        labels = row.pop("labels")
+        if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
+            emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
+            fused = False
+    if fused:
+        emit(ev.LogMessage("loss: in chunks over the positions that carry one, without the full logits (fused_loss)"))
+
     # -- optimizer and schedule
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = optimization.build_optimizer(params, t, device)
@@ -342,7 +359,12 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     if checkpoint is not None:
         _check_same_processes(read_state(checkpoint), procs)
         load_adapter_weights(checkpoint, peft_model)  # before prepare: a sharded model keeps its slice of them
-    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    # DDP arms the gradients' all-reduce in its forward, so under several processes it wraps the chunked loss; one
+    # process prepares the PeftModel as ever (accelerate checks a quantized base's device on it) and then wraps it
+    chunked_in_ddp = fused and procs.world > 1
+    to_prepare = losses.ChunkedLoss(peft_model) if chunked_in_ddp else peft_model
+    wrapped, optimizer, scheduler = accelerator.prepare(to_prepare, optimizer, scheduler)
+    trained = losses.ChunkedLoss(wrapped) if fused and not chunked_in_ddp else wrapped
     if procs.sharded:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -360,22 +382,9 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     ))
     if checkpoint is not None:
         emit(ev.Resumed(state.step))
-    packed = prepared.train.piece_starts is not None
-    batches = Batches(prepared.train, lambda examples: datamod.collate(examples, pad_id), batch_size=t.batch_size,
-                      accumulation=t.gradient_accumulation, world=accelerator.num_processes,
-                      rank=accelerator.process_index, seed=t.seed, is_lm=is_lm,
-                      lengths=prepared.train.lengths if t.group_by_length and not packed else None)
 
-    # -- the fast path: chunked loss (no full logits), compiled decoder layers; both leave the math as it was
+    # -- the rest of the fast path: attention kernels, compiled decoder layers; both leave the math as it was
     is_cuda = accelerator.device.type == "cuda"
-    # the chunked loss runs the decoder past DDP's forward, which then would not synchronise the gradients
-    fused = is_lm and procs.world == 1 and _fused_loss_on(t.fused_loss, peft_model, precision, emit)
-    if fused:  # one row, checked against the model's own loss before the first step
-        row = {k: v[:1].to(accelerator.device) for k, v in batches.for_step(state.step).micro[0].items()}
-        labels = row.pop("labels")
-        if not losses.matches_model(peft_model, row, labels, accelerator.autocast):
-            emit(ev.LogMessage("the chunked loss differs from this model's own: using the model's loss", "warning"))
-            fused = False
     # under FSDP the attention kernels' trial step is skipped (a kernel failing inside a sharded forward would leave
     # its layer gathered) and the layers stay eager (compiling fully_shard's hooks is not tested here)
     attention_setting = t.attention if is_lm and not procs.sharded else "sdpa"
@@ -391,7 +400,7 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     compile_policy = compilation.CompilePolicy(
         False if procs.sharded else t.compile_layers, peft_model, is_cuda=is_cuda,
         checkpointing=t.gradient_checkpointing, undo=undo, log=lambda text, level: emit(ev.LogMessage(text, level)))
-    return _Run(config, run_dir, state, procs, accelerator, wrapped, peft_model, tokenizer, optimizer, scheduler,
+    return _Run(config, run_dir, state, procs, accelerator, trained, peft_model, tokenizer, optimizer, scheduler,
                 params, prepared, batches, fused, compile_policy, training_attention, pad_id, is_lm)
 
 

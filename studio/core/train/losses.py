@@ -93,13 +93,27 @@ def matches_model(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Ten
     return abs(own - ours) <= tolerance * max(1.0, abs(own))
 
 
+class ChunkedLoss(torch.nn.Module):
+    """The model with `causal_lm_loss` as its forward: what the engine trains (and accelerate prepares) when the loss
+    is chunked, so that the forward of a DistributedDataParallel around it, which arms the gradients' all-reduce for
+    the backward that follows, runs the chunked loss too."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor], positions: torch.Tensor, targets: torch.Tensor,
+                num_items: float, compiled: bool) -> torch.Tensor:
+        return causal_lm_loss(self.model, inputs, positions, targets, num_items, compiled=compiled)
+
+
 def step_loss(model: Any, batch: dict[str, Any], label_tokens: float, micro: int, is_lm: bool, *,
               compiled: bool) -> Any:
-    """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give."""
+    """Token-weighted mean over the whole optimizer step (all micro-batches), as one big batch would give. `model`:
+    a ChunkedLoss (or a wrapper around one) for the chunked loss, else the model."""
     if "targets" in batch:  # the chunked loss (`to_device` turned the labels into counted positions)
         inputs = {k: v for k, v in batch.items() if k not in ("positions", "targets")}
-        return causal_lm_loss(model, inputs, batch["positions"], batch["targets"], max(1, label_tokens),
-                              compiled=compiled)
+        return model(inputs, batch["positions"], batch["targets"], max(1, label_tokens), compiled)
     # use_cache=False: with a cache, transformers ignores packed position_ids and lets packed examples attend
     if is_lm:
         return model(**batch, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
