@@ -411,6 +411,7 @@ def _loop(run: _Run, emit: ev.Recorder, control: TrainControl) -> ev.Finished | 
     prefetched: dict[int, StepBatch] = {}
     spectrum_next = state.step
     reports = _Reports(run, emit)
+    run.model.train()  # once: it walks every module (3 ms a call for the 1B shape here); evaluation restores it
     try:
         while state.step < t.max_steps:
             stop, pause = reports.agreed if procs.world > 1 else (control.stop_requested, control.pause_requested)
@@ -472,7 +473,6 @@ def _step(run: _Run, reports: _Reports, control: TrainControl, prefetched: dict[
         import torch
 
         torch.cuda.reset_peak_memory_stats(run.accelerator.device)
-    run.model.train()
     batch = prefetched.pop(state.step, None) or _on_device(run, run.batches.for_step(state.step))
     try:
         micro_losses = _forward_backward(run, batch)

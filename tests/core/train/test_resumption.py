@@ -180,3 +180,23 @@ def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_we
     for name, tensor in saved.items():
         ours = next(v for k, v in kept.items() if k.replace(".default", "").endswith(name.split("model.", 1)[1]))
         assert torch.equal(ours.detach(), tensor), name
+
+
+def test_every_step_trains_in_training_mode_also_after_an_evaluation(tiny_model_folder, data_file, tmp_path):
+    """The loop sets training mode once; the evaluation (every 2 steps here) puts it back after its eval mode."""
+    from studio.core.model.loading import open_model
+
+    loaded = open_model(str(tiny_model_folder), device="cpu")
+    config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", max_steps=5, eval_every=2, save_every=0,
+                         spectrum_every=0)
+    config = replace(config, data={**config.data, "val_path": str(data_file)})
+    modes: list[tuple[int, bool]] = []
+
+    def on_event(event) -> None:
+        if isinstance(event, ev.StepMetrics):
+            modes.append((event.step, all(m.training for m in loaded.model.modules())))
+
+    result = train(config, on_event, loaded=loaded)
+    assert isinstance(result, ev.Finished), result
+    assert [step for step, _ in modes] == [1, 2, 3, 4, 5]
+    assert all(training for _, training in modes), modes
