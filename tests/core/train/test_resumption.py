@@ -1,7 +1,8 @@
 """Resuming never loses a run: everything that can fail is tried before a file of the run changes, a resume that
 would train nothing or replace a finished adapter with an earlier one is refused, a second run never goes into an
-existing run's folder, a checkpoint that could run code is never unpickled, and after the loss became NaN the last
-good checkpoint resumes with a lower learning rate. Real short runs of a tiny Llama (tiny_model_folder)."""
+existing run's folder, a checkpoint that could run code is never unpickled, after the loss became NaN the last
+good checkpoint resumes with a lower learning rate, and a diverged step the host reads a step late leaves the last
+good weights. Real short runs of a tiny Llama (tiny_model_folder)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from studio.cli import main
 from studio.core import events as ev
@@ -173,8 +175,6 @@ def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_we
 
     two = train(replace(config, training=replace(config.training, max_steps=2)))
     assert isinstance(two, ev.Finished)
-    from safetensors.torch import load_file
-
     saved = load_file(Path(two.adapter_dir) / "adapter_model.safetensors")
     assert len(saved) == len(kept) == 8
     for name, tensor in saved.items():
