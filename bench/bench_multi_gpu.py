@@ -6,10 +6,11 @@ bf16) through the real CLI, each run a subprocess:
   agreement N GPUs at batch B/N each against 1 GPU at batch B (the same rows every step): the loss step by step
   resume    N GPUs, one process killed with SIGKILL after the first checkpoint, then `resume --gpus N`: the run ends
             at its last step and its losses after the checkpoint agree with an unbroken run's
-Both sides of each comparison run the same path (`fused_loss` and `compile_layers` as --variant says), so the ratio
-is the GPUs' doing. Prints a table and one JSON line.
+Both sides of each comparison run the same path (`fused_loss` and `compile_layers` as --variant says, bench_engine's
+variants: plain, fused, compiled; the chunked loss runs inside DDP's forward), so the ratio is the GPUs' doing.
+Prints a table and one JSON line.
 
-    python bench/bench_multi_gpu.py --tokenizer TOKENIZER_DIR [--gpus 2] [--steps 30] [--variant plain|compiled]
+    python bench/bench_multi_gpu.py --tokenizer TOKENIZER_DIR [--gpus 2] [--steps 30] [--variant plain|fused|compiled]
 
 --fsdp runs another part instead: DDP against FSDP (resources/accelerate/fsdp.yaml) on the same N GPUs, batch B each,
 the plain path (FSDP sets compiling aside), both sides from one saved initial adapter (PEFT draws LoRA's A matrices
@@ -39,11 +40,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import SHAPE, SHAPE_8B, build_model_folder, write_text_data  # noqa: E402
+from bench_engine import SHAPE, SHAPE_8B, VARIANTS, build_model_folder, write_text_data  # noqa: E402
 
 SHAPES = {"1b": SHAPE, "8b": SHAPE_8B}
-VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "compiled": dict(fused_loss=False,
-                                                                                    compile_layers=True)}
 
 
 def run_file(work: Path, name: str, model: Path, data: Path, batch: int, steps: int, variant: str,
