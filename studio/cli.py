@@ -348,19 +348,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _follow_the_checkpoint(args: argparse.Namespace) -> None:
     """A resume launches as its run was trained (processes, FSDP) where --gpus / --accelerate-config leave it open;
     a flag given wins, and the engine refuses one that does not match the checkpoint."""
-    from studio.core.train.launch import as_trained, how_trained, inside_a_launch
+    from studio.core.train.launch import (
+        as_trained,
+        config_as_trained,
+        how_trained,
+        inside_a_launch,
+    )
 
     if inside_a_launch():  # one of the run's processes: it resumes where it runs
         return
     processes, sharded = as_trained(args.run_dir)
     launches = args.gpus is None and (processes > 1 or sharded)
-    fsdp = args.accelerate_config is None and sharded
+    config, gone = config_as_trained(args.run_dir, sharded) if args.accelerate_config is None else (None, "")
     if launches:
         args.gpus = max(1, processes // args.nodes)  # --gpus counts the processes of one machine
-    if fsdp:
-        args.accelerate_config = "fsdp"
-    if launches or fsdp:
-        said = how_trained(processes, fsdp) if launches else "with FSDP"
+    if config:
+        args.accelerate_config = config
+    if gone:
+        sys.stderr.write(f"{gone}\n")
+    if launches or config:
+        said = how_trained(processes if launches else None, sharded, config)
         sys.stderr.write(f"resuming {said}, as the run was trained\n")
 
 

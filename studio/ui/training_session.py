@@ -52,9 +52,11 @@ def _copy_of(base: LoadedModel | None) -> LoadedModel | None:
     return replace(base, model=copy.deepcopy(base.model))
 
 
-def _launch_plan(processes: int, sharded: bool) -> Launch:
-    """One process per GPU; with `sharded`, under the shipped FSDP accelerate config."""
-    return Launch(processes, config_file=str(accelerate_config("fsdp")) if sharded else None)
+def _launch_plan(processes: int, sharded: bool, config: str | None = None) -> Launch:
+    """One process per GPU; under `config` (a shipped accelerate config's name or a file), by default the shipped
+    FSDP one with `sharded`."""
+    config = config or ("fsdp" if sharded else None)
+    return Launch(processes, config_file=str(accelerate_config(config)) if config else None)
 
 
 def yield_cpu_to_the_window() -> None:
@@ -121,12 +123,17 @@ class TrainingSession(QObject):
             try:
                 config = load(Path(run_dir) / run_layout.RUN_FILE)
                 processes, sharded = launch.as_trained(run_dir)  # a resume launches as the run was trained
+                accelerate_config, gone = launch.config_as_trained(run_dir, sharded)
+                plan = _launch_plan(processes, sharded, accelerate_config)  # a config file of one's own checked
             except StudioError as exc:
                 failed = ev.Failed(str(exc), 0)
                 report(failed)
                 return failed
             if processes > 1 or sharded:  # its processes read the run's own run.yaml; only the step budget travels
-                report(ev.LogMessage(f"Resuming {launch.how_trained(processes, sharded)}, as the run was trained"))
+                if gone:
+                    report(ev.LogMessage(gone, "warning"))
+                how = launch.how_trained(processes, sharded, accelerate_config)
+                report(ev.LogMessage(f"Resuming {how}, as the run was trained"))
                 changed = training is not None and replace(training, max_steps=config.training.max_steps) != \
                     config.training
                 if changed:
@@ -134,7 +141,7 @@ class TrainingSession(QObject):
                                        "change (start a new run for other settings)", 0)
                     report(failed)
                     return failed
-                return launch.resume_on_processes(run_dir, _launch_plan(processes, sharded), report, control,
+                return launch.resume_on_processes(run_dir, plan, report, control,
                                                   max_steps=training.max_steps if training else None)
             if training is not None:
                 config = replace(config, training=training)

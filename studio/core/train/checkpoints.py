@@ -47,6 +47,7 @@ class RunState:
     last_score: float | None = None
     processes: int = 1  # the run's processes: each one's share of the data depends on their number
     sharded: bool = False  # trained under FSDP: its optimizer state is keyed by parameter name, a DDP run's is not
+    accelerate_config: str | None = None  # the accelerate config file of the person's own it was launched with
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -84,7 +85,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
             (staging / TRAINER_STATE).write_text(json.dumps({
                 "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s,
                 "last_loss": state.last_loss, "last_val_loss": state.last_val_loss, "last_score": state.last_score,
-                "processes": state.processes, "sharded": state.sharded,
+                "processes": state.processes, "sharded": state.sharded, "accelerate_config": state.accelerate_config,
             }))
         if written != target:
             _swap_in(written, target)
@@ -151,7 +152,8 @@ def read_state(checkpoint: Path) -> RunState:
         return RunState(step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
                         elapsed_s=float(data["elapsed_s"]), last_loss=data.get("last_loss"),
                         last_val_loss=data.get("last_val_loss"), last_score=data.get("last_score"),
-                        processes=int(data.get("processes", 1)), sharded=bool(data.get("sharded", False)))
+                        processes=int(data.get("processes", 1)), sharded=bool(data.get("sharded", False)),
+                        accelerate_config=data.get("accelerate_config"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"cannot read the checkpoint's {path}: {first_line(exc)}") from exc
 
@@ -202,7 +204,7 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     for name in ("step", "tokens_seen", "elapsed_s", "last_loss", "last_val_loss", "last_score", "processes",
-                 "sharded"):
+                 "sharded", "accelerate_config"):
         setattr(state, name, getattr(loaded, name))
 
 

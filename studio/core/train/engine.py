@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import shutil
 import time
@@ -46,7 +47,7 @@ from studio.core.train.checkpoints import (
 from studio.core.train.control import TrainControl
 from studio.core.train.failures import failure_line
 from studio.core.train.preflight import check_run
-from studio.core.train.processes import Processes, clear_request, lost_a_peer, read_request
+from studio.core.train.processes import OWN_CONFIG_ENV, Processes, clear_request, lost_a_peer, read_request
 from studio.core.train.resumption import HeldRecord, check_resume, resume_point
 from studio.core.train.run_folder import remove_leftovers
 
@@ -375,6 +376,7 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
     if checkpoint is not None:
         load_checkpoint(checkpoint, wrapped, optimizer, scheduler, state)
     state.processes, state.sharded = procs.world, procs.sharded
+    state.accelerate_config = os.environ.get(OWN_CONFIG_ENV) if procs.world > 1 else None
     emit(ev.RunStarted(
         run_dir=str(run_dir), model=loaded.display_name, device=str(accelerator.device), plan=plan.to_dict(),
         counts=counts.to_dict(), train_examples=len(prepared.train), val_examples=len(prepared.val),

@@ -35,7 +35,7 @@ from studio.core.run_layout import is_run_folder
 from studio.core.runconfig import RunConfig
 from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.control import TrainControl
-from studio.core.train.processes import write_request
+from studio.core.train.processes import OWN_CONFIG_ENV, write_request
 from studio.core.train.run_folder import event_from
 
 EVENTS_ENV = "LORA_STUDIO_EVENTS"  # set in the processes' environment: where the main one mirrors its events
@@ -95,15 +95,36 @@ def as_trained(run_dir: str | Path) -> tuple[int, bool]:
     return state.processes, state.sharded
 
 
+def config_as_trained(run_dir: str | Path, sharded: bool) -> tuple[str | None, str]:
+    """The accelerate config a resume launches with: the file of the person's own that the run's latest checkpoint
+    was launched with, while it is there, else the shipped one its sharding needs (`fsdp`, or None: the default);
+    and what to say when that file is gone ("" otherwise)."""
+    checkpoint = latest_checkpoint(run_dir)
+    own = read_state(checkpoint).accelerate_config if checkpoint is not None else None
+    if own is None or Path(own).is_file():
+        return own or ("fsdp" if sharded else None), ""
+    return ("fsdp" if sharded else None), f"its accelerate config {own} is gone: the shipped one is used"
+
+
+def own_config(launch: Launch) -> str | None:
+    """The launch's accelerate config file when it is the person's own (None for the shipped ones)."""
+    shipped = launch.config_file is None or Path(launch.config_file).parent == resources_root() / "accelerate"
+    return None if shipped else str(Path(launch.config_file).resolve())
+
+
 def inside_a_launch() -> bool:
     """Whether this process is one that `accelerate launch` (or torchrun) started, the studio's or a person's own:
     it trains, and must never launch processes of its own."""
     return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def how_trained(processes: int, sharded: bool) -> str:
-    """'on 2 processes with FSDP': the words for a launch that follows a run's checkpoint."""
-    return f"on {processes} process{'es' if processes != 1 else ''}" + (" with FSDP" if sharded else "")
+def how_trained(processes: int | None, sharded: bool, config: str | None = None) -> str:
+    """'on 2 processes with FSDP': the words for a launch that follows a run's checkpoint (`processes` None: left
+    out; `config`: its accelerate config, named when it is a file of the person's own)."""
+    words = [f"on {processes} process{'es' if processes != 1 else ''}"] if processes is not None else []
+    words += ["with FSDP"] if sharded else []
+    words += [f"under {config}"] if config and config not in ACCELERATE_CONFIGS else []
+    return " ".join(words)
 
 
 def command(launch: Launch, cli_args: Sequence[str]) -> list[str]:
@@ -149,6 +170,9 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     name = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
     events_file, log_file = folder / f"{name}.jsonl", folder / f"{name}.log"
     env = {**os.environ, EVENTS_ENV: str(events_file)}
+    env.pop(OWN_CONFIG_ENV, None)
+    if own_config(launch):
+        env[OWN_CONFIG_ENV] = own_config(launch)
     # torchrun otherwise sets 1 thread per process and says so on stderr
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, launch.processes))))
     with log_file.open("w") as log:
@@ -182,10 +206,8 @@ def run(launch: Launch, cli_args: Sequence[str], run_dir: Path, on_event: Callab
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     message = _reason(log_file, process.returncode)
     if checkpoint is not None:
-        # a resume follows the checkpoint's processes and sharding; only a config file of one's own is named
-        shipped = launch.config_file is None or Path(launch.config_file).parent == resources_root() / "accelerate"
-        settings = "" if shipped else f" --accelerate-config {launch.config_file}"
-        message += f"; resume it with `lora-studio resume {run_dir}{settings}`"
+        # a resume follows the checkpoint's processes, sharding and config file
+        message += f"; resume it with `lora-studio resume {run_dir}`"
     step = read_state(checkpoint).step if checkpoint is not None else 0
     failed = ev.Failed(message, step, str(checkpoint) if checkpoint is not None else None)
     if is_run_folder(run_dir):

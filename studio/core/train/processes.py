@@ -23,6 +23,9 @@ from typing import Any, Sequence
 from studio.core.files import write_atomic
 
 CONTROL_FILE = "control"  # in the run folder: "stop" or "pause", written by the caller that launched the processes
+# in the processes' environment: the accelerate config file of the person's own they were launched with, which the
+# checkpoints record so that a resume launches with it again
+OWN_CONFIG_ENV = "LORA_STUDIO_ACCELERATE_CONFIG"
 REQUESTS = ("stop", "pause")
 
 

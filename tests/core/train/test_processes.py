@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from studio.core import events as ev
 from studio.core.data.dataset import demo_spec
+from studio.core.resources import resources_root
 from studio.core.runconfig import load
+from studio.core.train.checkpoints import latest_checkpoint, read_state
 from studio.core.train.engine import train
 from studio.core.train.launch import Launch, command
 from studio.core.train.run_folder import read_records
@@ -258,6 +260,30 @@ def test_fsdp_shards_the_model_matches_one_process_saves_one_whole_adapter_and_r
     assert sorted(losses) == list(range(1, 13))
     # steps 5 and 6 ran again after the resume: the same as the unbroken run's (the schedule is constant)
     assert [losses[5], losses[6]] == pytest.approx([expected[5], expected[6]], rel=1e-4)
+
+
+def test_a_run_launched_with_an_accelerate_config_of_ones_own_resumes_with_it_while_it_is_there(tiny_model_folder,
+                                                                                                  tmp_path):
+    own = tmp_path / "my-ddp.yaml"
+    own.write_text((resources_root() / "accelerate" / "ddp.yaml").read_text())
+    run_file = _run_file(tmp_path, tiny_model_folder, 2, max_steps=4, save_every=2, eval_every=0, spectrum_every=0)
+    run_dir = tmp_path / "own"
+    first = _cli("train", str(run_file), "--gpus", "2", "--accelerate-config", str(own), "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    assert read_state(latest_checkpoint(run_dir)).accelerate_config == str(own.resolve())
+
+    resumed = _cli("resume", str(run_dir), "--max-steps", "6")  # from the step-2 checkpoint, with no other flag
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming on 2 processes under {own.resolve()}, as the run was trained" in resumed.stderr
+    assert read_state(latest_checkpoint(run_dir)).accelerate_config == str(own.resolve())
+
+    own.unlink()
+    again = _cli("resume", str(run_dir), "--max-steps", "8")
+    assert again.returncode == 0, again.stderr
+    assert f"its accelerate config {own.resolve()} is gone: the shipped one is used" in again.stderr
+    assert "resuming on 2 processes, as the run was trained" in again.stderr
+    assert [r["step"] for r in read_records(run_dir) if r["event"] == "StepMetrics"][-1] == 8
+    assert read_state(latest_checkpoint(run_dir)).accelerate_config is None
 
 
 def test_an_accelerate_config_the_engine_cannot_follow_is_refused_in_one_line(tiny_model_folder, tmp_path):
