@@ -103,7 +103,8 @@ def config_as_trained(run_dir: str | Path, sharded: bool) -> tuple[str | None, s
     own = read_state(checkpoint).accelerate_config if checkpoint is not None else None
     if own is None or Path(own).is_file():
         return own or ("fsdp" if sharded else None), ""
-    return ("fsdp" if sharded else None), f"its accelerate config {own} is gone: the shipped one is used"
+    shipped = "fsdp" if sharded else None
+    return shipped, f"the accelerate config the run was launched with, {own}, is gone: resuming with the shipped one"
 
 
 def own_config(launch: Launch) -> str | None:

@@ -280,7 +280,8 @@ def test_a_run_launched_with_an_accelerate_config_of_ones_own_resumes_with_it_wh
     own.unlink()
     again = _cli("resume", str(run_dir), "--max-steps", "8")
     assert again.returncode == 0, again.stderr
-    assert f"its accelerate config {own.resolve()} is gone: the shipped one is used" in again.stderr
+    assert f"the accelerate config the run was launched with, {own.resolve()}, is gone: resuming with the shipped one" \
+        in again.stderr
     assert "resuming on 2 processes, as the run was trained" in again.stderr
     assert [r["step"] for r in read_records(run_dir) if r["event"] == "StepMetrics"][-1] == 8
     assert read_state(latest_checkpoint(run_dir)).accelerate_config is None
