@@ -101,9 +101,9 @@ def config_as_trained(run_dir: str | Path, sharded: bool) -> tuple[str | None, s
     and what to say when that file is gone ("" otherwise)."""
     checkpoint = latest_checkpoint(run_dir)
     own = read_state(checkpoint).accelerate_config if checkpoint is not None else None
-    if own is None or Path(own).is_file():
-        return own or ("fsdp" if sharded else None), ""
     shipped = "fsdp" if sharded else None
+    if own is None or Path(own).is_file():
+        return own or shipped, ""
     return shipped, f"the accelerate config the run was launched with, {own}, is gone: resuming with the shipped one"
 
 
