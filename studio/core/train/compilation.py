@@ -120,6 +120,12 @@ class CompilePolicy:
         return True
 
     def _compile(self) -> None:
+        import torch
+
+        # Under DDP, Dynamo would cut each layer's graph where DDP's gradient buckets end (its DDPOptimizer, made
+        # for one whole-model graph); per-layer graphs overlap the all-reduce anyway (a layer's gradients are all
+        # ready when its backward ends). On two H200s (1B shape) the cuts cost 2 GiB a GPU and 10% of the speed.
+        self.undo.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
         self.blocks.extend(compile_blocks(self.model))
         self.undo.callback(uncompile, self.blocks)
         self.log(f"compiling {len(self.blocks)} decoder layers: the next step takes longer, the rest less", "info")

@@ -69,3 +69,75 @@ def test_a_compiler_failure_mid_run_falls_back_to_eager_with_the_eager_losses(fr
     assert len(losses) == 2
     for ours, theirs in zip(losses, (e.loss for e in eager if isinstance(e, ev.StepMetrics))):
         assert math.isclose(ours, theirs, rel_tol=1e-6)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)  # 1 MiB of weights each
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Layers(torch.nn.Module):
+    _no_split_modules = ["_Block"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.sum()
+
+
+def test_compiled_layers_under_ddp_stay_one_graph_each(monkeypatch):
+    """Dynamo splits a graph compiled inside DDP's forward where DDP's gradient buckets end (its first bucket holds
+    1 MiB): a block's graph would come in pieces, its fusion and its memory broken at each cut."""
+    import contextlib
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    graphs: list = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    original = compilation.compile_blocks
+
+    def compile_counting(model):
+        blocks = original(model)
+        for block in blocks:
+            block.compile(backend=counting_backend)
+        return blocks
+
+    monkeypatch.setattr(compilation, "compile_blocks", compile_counting)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        def graphs_of_one_step(through_policy: bool) -> int:
+            torch._dynamo.reset()
+            graphs.clear()
+            model = _Layers()
+            with contextlib.ExitStack() as undo:
+                if through_policy:
+                    compilation.CompilePolicy(True, model, is_cuda=True, checkpointing=False, undo=undo,
+                                              log=lambda text, level: None)
+                else:
+                    compile_counting(model)
+                DistributedDataParallel(model)(torch.randn(4, 256)).backward()
+            return len(graphs)
+
+        assert graphs_of_one_step(through_policy=False) > 2  # Dynamo's DDP splitting, where nothing turns it off
+        assert graphs_of_one_step(through_policy=True) == 2  # one graph a block
+        assert torch._dynamo.config.optimize_ddp is True  # the run's end gave the setting back
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
