@@ -621,14 +621,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from studio.core.logs import send_library_output_to_log
+
+    # before torch & co. are imported (--help imports PEFT, and with it bitsandbytes, which warns as it loads):
+    # stderr carries the studio's own lines only
+    send_library_output_to_log()
     parser = build_parser()
     args = parser.parse_args(argv)
     command = COMMANDS.get(args.command or "gui")
     if args.command is None:
         args.model = "default"
-    from studio.core.logs import send_library_output_to_log
-
-    send_library_output_to_log()  # before torch & co. are imported: stderr carries the studio's own lines only
     try:
         return command(args)
     except StudioError as exc:
