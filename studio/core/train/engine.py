@@ -504,6 +504,7 @@ class _Queued:
     copied: Any  # the CUDA event after which `rows` holds them (None off CUDA)
     lr: float
     epoch: int
+    done_at: float | None  # off CUDA, where the step's work is done when it is queued: when that was
 
 
 class _Reports:
@@ -513,7 +514,10 @@ class _Reports:
     reading waits for the device, which then runs queued work instead of idling while the host queues it (on an H200
     that idling took 31 ms of a compiled Llama-3-8B-shape step of 509 ms, bench/bench_engine.py). A diverged step is
     then skipped on the device, and so are the steps queued after it, which keeps the last good weights until the
-    host reads it and ends the run; every checkpoint, evaluation and spectrum follows `settle`."""
+    host reads it and ends the run; every checkpoint, evaluation and spectrum follows `settle`.
+    A step's time runs from the end of the step before to the end of its own work: on CUDA until the host has
+    waited for it, off CUDA (where the work is done when the step is queued) until it was queued; a clock read
+    when a late report arrives would there give each step the next one's time, and the last step next to none."""
 
     def __init__(self, run: _Run, emit: ev.Recorder) -> None:
         self.run, self.emit = run, emit
@@ -556,8 +560,9 @@ class _Reports:
     def queue(self, rows: tuple[Any, Any]) -> None:
         """The step just taken (after the scheduler's step: its report shows the learning rate the next step uses)."""
         state = self.run.state
+        done_at = None if self.run.is_cuda else time.perf_counter()
         self.queued.append(_Queued(state.step, *rows, float(self.run.scheduler.get_last_lr()[0]),
-                                   self.run.batches.epoch_at(state.step)))
+                                   self.run.batches.epoch_at(state.step), done_at))
 
     def read(self) -> None:
         """Report the queued steps but the last `lag`."""
@@ -584,7 +589,7 @@ class _Reports:
             )
         tokens, positions = int(sum(r[2] for r in rows)), int(sum(r[3] for r in rows))
         self.agreed = (any(r[5] for r in rows), any(r[6] for r in rows))
-        now = time.perf_counter()
+        now = queued.done_at if queued.done_at is not None else time.perf_counter()
         step_time, self.clock = now - self.clock, now
         run.compile.after_step(step_time)
         state.tokens_seen += tokens

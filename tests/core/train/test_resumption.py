@@ -182,6 +182,30 @@ def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_we
         assert torch.equal(ours.detach(), tensor), name
 
 
+def test_each_step_reports_its_own_time_also_when_read_a_step_late(tiny_model_folder, data_file, tmp_path):
+    """A step read after the next one was taken reports the time of its own work: the interval between its optimizer
+    step and the one before (the last step too, which a clock read at report time gave next to no time)."""
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", max_steps=6, save_every=0,
+                         spectrum_every=0)
+    stepped: list[float] = []
+    hook = register_optimizer_step_post_hook(lambda *args: stepped.append(time.perf_counter()))
+    try:
+        events: list = []
+        assert isinstance(train(config, events.append), ev.Finished)
+    finally:
+        hook.remove()
+    reported = [e.elapsed_s for e in events if isinstance(e, ev.StepMetrics)]
+    assert len(reported) == len(stepped) == 6
+    for step in range(1, 6):
+        own = stepped[step] - stepped[step - 1]
+        told = reported[step] - reported[step - 1]
+        assert abs(told - own) <= 0.2 * own + 0.005, (step + 1, told, own)
+
+
 def test_every_step_trains_in_training_mode_also_after_an_evaluation(tiny_model_folder, data_file, tmp_path):
     """The loop sets training mode once; the evaluation (every 2 steps here) puts it back after its eval mode."""
     from studio.core.model.loading import open_model
