@@ -500,6 +500,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_a_stage() -> Any:
+    """A progress callback for stderr: each stage's first message, not a line for every module or tensor."""
+    stages: set[str] = set()
+
+    def on_progress(progress: Any) -> None:
+        if progress.stage not in stages:
+            stages.add(progress.stage)
+            sys.stderr.write(f"{progress.message}\n")
+
+    return on_progress
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
 
     from studio.core.adapters.loading import load_adapter
@@ -512,7 +524,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     loaded = open_model(base)
     peft_model = load_adapter(loaded, _adapter_folder(args.source))
     report = merge_and_save(peft_model, loaded.tokenizer, args.out, dtype=args.dtype, force=args.force,
-                            on_progress=lambda p: sys.stderr.write(f"{p.message}\n"))
+                            on_progress=_one_line_a_stage())
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
     print(f"merged model written to {report.path} ({report.dtype}); max logit difference adapter vs merged "
@@ -525,15 +537,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     from studio.core.gguf.export import export_adapter_gguf
 
-    stages: list[str] = []
-
-    def on_progress(progress: Any) -> None:  # one line a stage, not one a tensor
-        if progress.stage not in stages:
-            stages.append(progress.stage)
-            sys.stderr.write(f"{progress.message}\n")
-
     report = export_adapter_gguf(_adapter_folder(args.source), _base_of(args.source, args.base), args.out,
-                                 args.out_type, on_progress=on_progress, force=args.force)
+                                 args.out_type, on_progress=_one_line_a_stage(), force=args.force)
     for note in report.notes:
         sys.stderr.write(f"note: {note}\n")
     modelfile = Path(report.modelfile).name

@@ -49,7 +49,12 @@ def test_init_train_export_spectrum_generate_merge(tmp_path, capsys, default_mod
     assert capsys.readouterr().out.strip()
 
     assert main(["merge", "runs/one", "--out", "merged", "--dtype", "bfloat16"]) == 0
-    assert "max logit difference" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "max logit difference" in out.out
+    assert out.err.splitlines() == [  # a line a stage, none for each of the merged modules
+        "Merging the adapter into a copy of the base weights",
+        "Comparing the merged model with the adapter on a probe batch",
+        "Writing the merged model to merged", "Merged model saved to merged"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.model.layers[0].self_attn.q_proj.weight.shape == (576, 576)
 
