@@ -74,6 +74,16 @@ def test_bf16_run_on_cuda_reports_gpu_memory_and_learns(model_folder, tmp_path):
     assert Path(result.adapter_dir, "adapter_model.safetensors").is_file()
 
 
+def test_the_last_step_read_late_reports_its_own_time(model_folder, tmp_path):
+    """This small model keeps the GPU ahead of the host: each step's report is read a step late and finds the device
+    done, so its time ends when the host had queued it; the last step, read once the loop has ended, too."""
+    result, events = run(model_folder, tmp_path, training=dict(max_steps=12, save_every=0, spectrum_every=0))
+    assert isinstance(result, ev.Finished), result
+    rates = [e.tokens_per_s for e in events if isinstance(e, ev.StepMetrics)]
+    typical = sorted(rates[2:-1])[len(rates[2:-1]) // 2]
+    assert rates[-1] < 3 * typical, rates
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
     from studio.core.model.loading import open_model
