@@ -5,9 +5,11 @@ linear layers (the studio's plan, so both sides adapt the same modules with the 
 instruction rows at max_length 96. Both sides train on exactly the same rows in the same order (the engine's own
 batches, which HF's Trainer reads sequentially, padded by DataCollatorForSeq2Seq as the engine pads). Each side runs
 in its own process, one after the other, alternating, `--repeats` times; a step's time is the interval between two
-consecutive step ends as the caller sees them (everything a step costs: collating, forward, backward, clipping,
-the optimizer, logging), its median over the steps after `--warmup`. Prints each side's median and best, and the
-ratio (HF's step time over the engine's: above 1 means the engine is faster).
+consecutive optimizer steps, timed by the same hook on both sides (torch's optimizer step post-hook: everything a
+step costs, collating, forward, backward, clipping, the optimizer, logging; the engine reports a step's numbers
+after it has queued the next, so the times its reports arrive are no clock), its median after `--warmup` steps.
+Prints each side's median and best, and the ratio (HF's step time over the engine's: above 1 means the engine is
+faster).
 
     .venv/bin/python bench/bench_cpu.py [--steps 12] [--repeats 3] [--threads N]
 
@@ -40,7 +42,7 @@ def demo_spec():
 
 
 def engine_side(steps: int) -> list[float]:
-    """Step-end times of the engine on the demo (no evaluation, spectra or checkpoints: HF's side has none)."""
+    """The engine's losses on the demo (no evaluation, spectra or checkpoints: HF's side has none)."""
     from studio.core import events as ev
     from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig
     from studio.core.train.engine import train
@@ -54,25 +56,29 @@ def engine_side(steps: int) -> list[float]:
                                 save_every=0, spectrum_every=0, precision="no"),
         output_dir=tempfile.mkdtemp(prefix="bench-cpu-"),
     )
-    ends: list[float] = []
     losses: list[float] = []
 
     def on_event(event) -> None:
         if isinstance(event, ev.StepMetrics):
-            ends.append(time.perf_counter())
             losses.append(event.loss)
 
     result = train(config, on_event)
     if isinstance(result, ev.Failed):
         raise SystemExit(f"engine failed: {result.message}")
-    return ends, losses
+    return losses
 
 
 def hf_side(steps: int) -> list[float]:
-    """Step-end times of HF Trainer + PEFT on the same model, adapter plan and batches as the engine's."""
+    """HF Trainer + PEFT's losses on the same model, adapter plan and batches as the engine's."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from studio.core.data import dataset as datamod
     from studio.core.model import inventory
@@ -94,13 +100,9 @@ def hf_side(steps: int) -> list[float]:
     rows = [e for step in range(steps) for e in batches.for_step(step).micro[0]["rows"]]
     features = [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids), "labels": list(e.labels)}
                 for e in rows]
-    ends: list[float] = []
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
+    class Losses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
@@ -114,18 +116,21 @@ def hf_side(steps: int) -> list[float]:
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
     )
-    trainer = InOrder(model=peft_model, args=arguments, train_dataset=features, callbacks=[Clock()],
+    trainer = InOrder(model=peft_model, args=arguments, train_dataset=features, callbacks=[Losses()],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
-    return ends, losses
+    return losses
 
 
 def one_side(side: str, steps: int, threads: int | None) -> None:
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     if threads:
         torch.set_num_threads(threads)
-    ends, losses = (engine_side if side == "engine" else hf_side)(steps)
+    ends: list[float] = []
+    register_optimizer_step_post_hook(lambda *args: ends.append(time.perf_counter()))
+    losses = (engine_side if side == "engine" else hf_side)(steps)
     print("RESULT " + json.dumps({"side": side, "ends": ends, "losses": losses, "threads": torch.get_num_threads()}))
 
 
