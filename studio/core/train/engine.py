@@ -507,23 +507,31 @@ class _Queued:
     queued_at: float  # when the host had queued the step's work (off CUDA: done it)
 
 
+def _reads_late(run: _Run) -> bool:
+    """Whether the host reads a step's numbers only after queueing the next: on CUDA, where the device runs behind
+    the host. Off CUDA a step's work is done when it is queued, and reading late would only show each step later."""
+    return run.is_cuda
+
+
 class _Reports:
     """Each step's numbers (loss, gradient norm, tokens, peak memory, stop and pause requests) as the host reads them:
     one host sync (and, on several processes, one collective) a step. Where the optimizer can skip a step on the
-    device (torch's fused AdamW with `found_inf`), the host reads a step's numbers only after queueing the next step:
-    reading waits for the device, which then runs queued work instead of idling while the host queues it (on an H200
-    that idling took 31 ms of a compiled Llama-3-8B-shape step of 509 ms, bench/bench_engine.py). A diverged step is
-    then skipped on the device, and so are the steps queued after it, which keeps the last good weights until the
-    host reads it and ends the run; every checkpoint, evaluation and spectrum follows `settle`.
+    device (torch's fused AdamW with `found_inf`), a diverged step is skipped there, and so are the steps queued
+    after it, which keeps the last good weights until the host reads it and ends the run. On a GPU the host then
+    reads a step's numbers only after queueing the next step (`_reads_late`): reading waits for the device, which
+    then runs queued work instead of idling while the host queues it (on an H200 that idling took 31 ms of a
+    compiled Llama-3-8B-shape step of 509 ms, bench/bench_engine.py). Every checkpoint, evaluation and spectrum
+    follows `settle`.
     A step's time runs from the end of the step before to the end of its own: when the host's wait for the device
-    returns, or, where the device was done when the host came to read (always off CUDA; on a GPU that keeps up with
-    the host), when the host had queued it. A clock read as a late report arrives would give a step the next one's
-    time there, and the last step next to none (a CPU run's last step showed 1.3M tokens/s)."""
+    returns, or, where the device was done when the host came to read (on a GPU that keeps up with the host), when
+    the host had queued it. A clock read as a late report arrives would give a step the next one's time there, and
+    the last step next to none."""
 
     def __init__(self, run: _Run, emit: ev.Recorder) -> None:
         self.run, self.emit = run, emit
         # fp16's GradScaler decides the optimizer's skipping itself
-        self.lag = int(optimization.skips_on_device(run.optimizer) and run.accelerator.scaler is None)
+        self.skips = optimization.skips_on_device(run.optimizer) and run.accelerator.scaler is None
+        self.lag = int(self.skips and _reads_late(run))
         self.queued: list[_Queued] = []
         self.agreed: tuple[bool, bool] = (False, False)  # (stop, pause), as all processes heard it with the last step
         self.restart_clock()
@@ -535,8 +543,8 @@ class _Reports:
     def gather(self, batch: StepBatch, micro_losses: list[Any], grad_norm: Any, control: TrainControl
                ) -> tuple[Any, Any]:
         """The step's rows from all processes, on their way to the host (and the CUDA event that says they are
-        there); where the report lags, the optimizer step that follows is skipped on the device when the loss or the
-        norm is not finite."""
+        there); where the optimizer can, the step that follows is skipped on the device when the loss or the norm is
+        not finite."""
         import torch
 
         run = self.run
@@ -547,7 +555,7 @@ class _Reports:
         row = torch.stack([torch.stack(micro_losses).double().sum(), grad_norm.double()])
         row = torch.cat([row, (numbers.pin_memory() if run.is_cuda else numbers).to(row.device, non_blocking=True)])
         rows = run.procs.gather(row)
-        if self.lag:  # the processes' summed losses and the norm (the same on all): when not finite, this step and
+        if self.skips:  # the processes' summed losses and the norm (the same on all): when not finite, this step and
             # every later one (the run ends when the host reads it) are skipped
             optimization.skip_from_now_if(run.optimizer, ~torch.isfinite(rows[:, 0].sum() + rows[0, 1]))
         if not run.is_cuda:

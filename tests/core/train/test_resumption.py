@@ -19,6 +19,7 @@ from studio.cli import main
 from studio.core import events as ev
 from studio.core.data.dataset import demo_spec
 from studio.core.runconfig import ModelConfig, RunConfig, TrainingConfig, dump, load
+from studio.core.train import engine
 from studio.core.train.checkpoints import latest_checkpoint
 from studio.core.train.engine import resume, train
 
@@ -158,10 +159,13 @@ def test_after_the_loss_became_nan_the_last_good_checkpoint_resumes_with_a_lower
 
 
 def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_weights(tiny_model_folder, data_file,
-                                                                                       tmp_path):
-    """Without checkpoints or spectra the host reads each step's loss after queueing the next: the infinite step 3
-    (as above) and the step 4 queued after it must not change the weights, which equal a 2-step run's adapter."""
+                                                                                       tmp_path, monkeypatch):
+    """Without checkpoints or spectra the host reads each step's loss after queueing the next (as on a GPU): the
+    infinite step 3 (as above) and the step 4 queued after it must not change the weights, which equal a 2-step
+    run's adapter."""
     from studio.core.model.loading import open_model
+
+    monkeypatch.setattr(engine, "_reads_late", lambda run: True)
 
     loaded = open_model(str(tiny_model_folder), device="cpu")
     config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", learning_rate=1e4, max_steps=6,
@@ -182,13 +186,36 @@ def test_a_diverged_step_read_a_step_late_is_skipped_and_leaves_the_last_good_we
         assert torch.equal(ours.detach(), tensor), name
 
 
-def test_each_step_reports_its_own_time_also_when_read_a_step_late(tiny_model_folder, data_file, tmp_path):
-    """A step read after the next one was taken reports the time of its own work: the interval between its optimizer
-    step and the one before (the last step too, which a clock read at report time gave next to no time)."""
+def test_off_cuda_each_step_is_reported_before_the_next_is_taken(tiny_model_folder, data_file, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", max_steps=4, save_every=0,
+                         spectrum_every=0)
+    stepped: list[int] = []
+    hook = register_optimizer_step_post_hook(lambda *args: stepped.append(len(stepped) + 1))
+    reported_after: list[tuple[int, int]] = []  # (step reported, optimizer steps taken by then)
+
+    def on_event(event) -> None:
+        if isinstance(event, ev.StepMetrics):
+            reported_after.append((event.step, len(stepped)))
+
+    try:
+        result = train(config, on_event)
+    finally:
+        hook.remove()
+    assert isinstance(result, ev.Finished)
+    assert reported_after == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def test_each_step_reports_its_own_time_also_when_read_a_step_late(tiny_model_folder, data_file, tmp_path,
+                                                                    monkeypatch):
+    """A step read after the next one was taken (as on a GPU) reports the time of its own work: the interval between
+    its optimizer step and the one before (the last step too, which a clock read at report time gave next to none)."""
     import time
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    monkeypatch.setattr(engine, "_reads_late", lambda run: True)
     config = tiny_config(tiny_model_folder, data_file, tmp_path / "runs", max_steps=6, save_every=0,
                          spectrum_every=0)
     stepped: list[float] = []
