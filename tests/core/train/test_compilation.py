@@ -20,6 +20,20 @@ def failing_backend(graph_module, example_inputs):
     raise RuntimeError("no C compiler on this machine")
 
 
+def compile_blocks_with(backend, monkeypatch):
+    """compilation.compile_blocks patched to compile each block with `backend` instead of Inductor; returns it."""
+    original = compilation.compile_blocks
+
+    def compile_with(model):
+        blocks = original(model)
+        for block in blocks:
+            block.compile(backend=backend)
+        return blocks
+
+    monkeypatch.setattr(compilation, "compile_blocks", compile_with)
+    return compile_with
+
+
 def test_is_compile_failure_tells_the_compiler_from_the_model():
     compiled = torch.compile(lambda x: x * 2 + 1, backend=failing_backend)
     with pytest.raises(Exception) as caught:
@@ -51,16 +65,8 @@ def test_a_compiler_failure_mid_run_falls_back_to_eager_with_the_eager_losses(fr
         return events
 
     eager = run("eager")
-    original = compilation.compile_blocks
-
-    def compile_with_a_failing_backend(model):
-        blocks = original(model)
-        for block in blocks:
-            block.compile(backend=failing_backend)
-        return blocks
-
     monkeypatch.setattr(compilation, "when", lambda *args, **kwargs: ("now", ""))  # as on a GPU
-    monkeypatch.setattr(compilation, "compile_blocks", compile_with_a_failing_backend)
+    compile_blocks_with(failing_backend, monkeypatch)
     fallen_back = run("fallback")
 
     warnings = [e.text for e in fallen_back if isinstance(e, ev.LogMessage) and e.level == "warning"]
@@ -108,15 +114,7 @@ def test_compiled_layers_under_ddp_stay_one_graph_each(monkeypatch):
         graphs.append(graph_module)
         return graph_module.forward
 
-    original = compilation.compile_blocks
-
-    def compile_counting(model):
-        blocks = original(model)
-        for block in blocks:
-            block.compile(backend=counting_backend)
-        return blocks
-
-    monkeypatch.setattr(compilation, "compile_blocks", compile_counting)
+    compile_counting = compile_blocks_with(counting_backend, monkeypatch)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
