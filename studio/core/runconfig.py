@@ -85,6 +85,9 @@ class TrainingConfig:
         "memory and time): true, false or auto (wherever the model's output head allows it)"))
     compile_layers: bool | str = field(default="auto", metadata=_help(
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
+    shared_adapter_input: bool = field(default=True, metadata=_help(
+        "Adapters that read the same input (q/k/v; gate/up) compute their first product as one matmul (the same "
+        "math, fewer kernels); plain LoRA without dropout, not under FSDP"))
     group_by_length: bool = field(default=True, metadata=_help(
         "Without packing, each micro-batch draws examples of similar lengths (less padding; which examples meet, "
         "and when, stays random from the seed)"))

@@ -12,7 +12,11 @@ The engine checks its pick before the first step against SDPA on one packed row 
 one that fails or disagrees gives way to the next, with a warning. Evaluation and generation run on SDPA.
 
 Batches without packing need no mask either: their padding is on the right, where causal attention never looks, so
-the engine leaves the mask out (losses.to_device) and SDPA takes its flash kernel.
+the engine leaves the mask out (losses.to_device) and SDPA takes its flash kernel. Given no mask, transformers still
+looks for packed examples in the position ids it made itself, on the GPU, and reads the answer back: a host sync in
+every forward, which drains the queue of work the host had put ahead. On a CUDA GPU `auto` therefore trains
+unpacked batches with sdpa_causal: transformers' SDPA function registered under a name of its own, for which
+transformers builds no mask and looks for nothing (as for varlen); SDPA then runs causal, as it did.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 SDPA, FLEX, VARLEN = "sdpa", "flex_attention", "varlen"
+CAUSAL = "sdpa_causal"  # not a setting: what `auto` picks for unpacked batches on a GPU
 CHOICES = ("auto", SDPA, FLEX, VARLEN)
-VARLEN_NAME = "studio_varlen"  # the name the varlen function is registered under in transformers' AttentionInterface
+# the names these functions are registered under in transformers' AttentionInterface (not its mask interface)
+VARLEN_NAME, CAUSAL_NAME = "studio_varlen", "studio_sdpa_causal"
 
 
 def varlen_kernel() -> Callable | None:
@@ -78,6 +84,16 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
 
 _KERNEL: list[Callable] = []  # the kernel varlen_attention calls, set by register_varlen
+_SDPA: list[Callable] = []  # transformers' SDPA function, which causal_attention calls (set with its registration)
+
+
+def causal_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA function on rows that need no mask: causal, with nothing to hide (unpacked rows whose
+    padding is on the right). Under this name transformers builds no mask, so one that needs it is refused here."""
+    if attention_mask is not None or kwargs.get("sliding_window"):
+        raise RuntimeError("sdpa_causal covers plain causal attention on unmasked rows only (no sliding window)")
+    return _SDPA[0](module, query, key, value, None, **kwargs)
 
 
 def to_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
@@ -108,9 +124,11 @@ def available(name: str, *, is_cuda: bool) -> str | None:
 
 
 def candidates(setting: str, *, is_cuda: bool, packed: bool) -> list[str]:
-    """The implementations to try, best first, ending with SDPA. `auto` tries the fast ones for packed batches on
-    a GPU only: without packing, SDPA with no mask is the flash kernel already."""
-    if setting == SDPA or (setting == "auto" and not (packed and is_cuda)):
+    """The implementations to try, best first, ending with SDPA. `auto` tries the fast ones on a GPU only: for
+    packed batches the kernels without a dense mask; without packing, SDPA without transformers' mask check."""
+    if setting == "auto" and is_cuda and not packed:
+        return [CAUSAL, SDPA]
+    if setting == SDPA or (setting == "auto" and not is_cuda):
         return [SDPA]
     wanted = [VARLEN, FLEX] if setting == "auto" else [setting]
     return [name for name in wanted if available(name, is_cuda=is_cuda) is None] + [SDPA]
@@ -129,7 +147,14 @@ def register_varlen(kernel: Callable | None = None) -> None:
 
 
 def transformers_name(name: str) -> str:
-    """What `model.set_attn_implementation` takes for `name` (the varlen function registered first)."""
+    """What `model.set_attn_implementation` takes for `name` (the studio's functions registered first)."""
+    if name == CAUSAL:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _SDPA[:] = [ALL_ATTENTION_FUNCTIONS[SDPA]]
+        AttentionInterface.register(CAUSAL_NAME, causal_attention)
+        return CAUSAL_NAME
     if name != VARLEN:
         return name
     if not _KERNEL:

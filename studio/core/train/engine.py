@@ -352,6 +352,8 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
             fused = False
     if fused:
         emit(ev.LogMessage("loss: in chunks over the positions that carry one, without the full logits (fused_loss)"))
+    if t.shared_adapter_input and not procs.sharded:  # sharded weights are gathered per module: not stacked
+        _share_adapter_inputs(peft_model, batches.for_step(start).micro[0], accelerator, is_lm, undo, emit)
 
     # -- optimizer and schedule
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -703,7 +705,9 @@ def _training_attention(setting: str, model: Any, first: StepBatch, accelerator:
                 break
             emit(ev.LogMessage(f"attention {name} is off for this run: {why_not}",
                                "warning" if setting == name else "info"))
-    if chosen != attention.SDPA:
+    if chosen == attention.CAUSAL:
+        emit(ev.LogMessage("attention: SDPA, causal, no mask built (unpacked rows, padding on the right)"))
+    elif chosen != attention.SDPA:
         emit(ev.LogMessage(f"attention: {chosen} (packed rows without a dense mask)"))
     return attention.TrainingAttention(model, chosen)
 
@@ -714,6 +718,25 @@ def _adapter_inputs_uncast(model: Any) -> contextlib.AbstractContextManager:
 
     switch = getattr(helpers, "disable_input_dtype_casting", None)
     return switch(model) if switch is not None else contextlib.nullcontext()
+
+
+def _share_adapter_inputs(model: Any, micro: dict[str, Any], accelerator: Any, is_lm: bool,
+                          undo: contextlib.ExitStack, emit: ev.Recorder) -> None:
+    """Adapters that read the same tensor compute their first product together (shared_input.py), found on one row
+    of the first batch."""
+    from studio.core.train import shared_input
+
+    row: dict[str, Any] = {k: v[:1].to(accelerator.device) for k, v in micro.items()
+                           if k in ("input_ids", "attention_mask", "position_ids")}
+    if is_lm:  # with a cache, transformers would let packed examples attend to each other
+        row["use_cache"] = False
+    groups = shared_input.find_groups(model, row, accelerator.autocast)
+    if groups:
+        undo.callback(shared_input.Shared(groups).undo)
+        smallest, largest = min(map(len, groups)), max(map(len, groups))
+        sizes = str(smallest) if smallest == largest else f"{smallest}-{largest}"
+        emit(ev.LogMessage(f"adapters sharing an input: {len(groups)} groups of {sizes}, one product each "
+                           "(shared_adapter_input)"))
 
 
 def _seed_everything(seed: int) -> None:

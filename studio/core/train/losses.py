@@ -132,6 +132,8 @@ def to_device(batch: dict[str, Any], device: Any, fused: bool, attention: str = 
     mask = batch.get("attention_mask")
     if mask is not None and batch["labels"].dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         del batch["attention_mask"]
+    if attention == attention_.CAUSAL and "attention_mask" in batch:  # transformers would not build it
+        raise RuntimeError("sdpa_causal trains batches without a mask only")
     if attention == attention_.VARLEN:
         rows, width = batch["input_ids"].shape
         positions = batch.get("position_ids", torch.arange(width).expand(rows, width))

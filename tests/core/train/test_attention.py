@@ -113,9 +113,42 @@ def test_a_right_padded_batch_loses_its_mask_and_keeps_its_logits(tiny_llama):
     assert "attention_mask" in losses.to_device(classes, torch.device("cpu"), fused=False)
 
 
-def test_candidates_are_fast_paths_for_packed_rows_on_a_gpu_and_sdpa_elsewhere():
+def test_sdpa_causal_gives_sdpa_s_logits_and_transformers_looks_for_no_packed_rows(tiny_llama, monkeypatch):
+    import transformers.masking_utils as masking
+
+    looked = []
+    real = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda ids: looked.append(1) or real(ids))
+    items = examples(tiny_llama.config.vocab_size)
+    batch = losses.to_device(collate(items, 0), torch.device("cpu"), fused=False, attention=attention.CAUSAL)
+    with torch.no_grad():
+        plain = tiny_llama.eval()(input_ids=batch["input_ids"], use_cache=False).logits
+        assert looked  # SDPA: transformers looks at its own position ids (on a GPU, a sync)
+        looked.clear()
+        attention.set_implementation(tiny_llama, attention.CAUSAL)
+        causal = tiny_llama(input_ids=batch["input_ids"], use_cache=False).logits
+    assert not looked
+    assert torch.allclose(causal, plain, atol=1e-6)
+
+
+def test_sdpa_causal_refuses_a_mask_and_a_sliding_window(tiny_llama):
+    q = k = v = torch.zeros(1, 4, 8, 16)
+    layer = tiny_llama.model.layers[0].self_attn
+    with pytest.raises(RuntimeError, match="unmasked rows only"):
+        attention.causal_attention(layer, q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="unmasked rows only"):
+        attention.causal_attention(layer, q, k, v, None, sliding_window=4)
+    left = collate(examples(tiny_llama.config.vocab_size), 0)
+    left["attention_mask"] = left["attention_mask"].flip(1)  # left padding keeps its mask: not for sdpa_causal
+    with pytest.raises(RuntimeError, match="without a mask only"):
+        losses.to_device(left, torch.device("cpu"), fused=False, attention=attention.CAUSAL)
+
+
+def test_candidates_on_a_gpu_are_the_fast_paths_and_sdpa_elsewhere():
     assert attention.candidates("auto", is_cuda=False, packed=True) == [attention.SDPA]
-    assert attention.candidates("auto", is_cuda=True, packed=False) == [attention.SDPA]
+    assert attention.candidates("auto", is_cuda=False, packed=False) == [attention.SDPA]
+    assert attention.candidates("auto", is_cuda=True, packed=False) == [attention.CAUSAL, attention.SDPA]
+    assert attention.candidates("sdpa", is_cuda=True, packed=False) == [attention.SDPA]
     assert attention.candidates("varlen", is_cuda=False, packed=True) == [attention.SDPA]
     assert attention.available("varlen", is_cuda=False) == "it needs a CUDA GPU"
     on_gpu = attention.candidates("auto", is_cuda=True, packed=True)
