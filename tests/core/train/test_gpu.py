@@ -123,15 +123,17 @@ def test_qlora_keeps_the_stream_in_bf16_and_compiles_to_the_eager_losses(model_f
 
 
 def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folder, tmp_path, monkeypatch):
-    """Chunked loss and compiled decoder layers against the model's own loss and eager layers, step by step (bf16
-    rounding apart). `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on
-    this short run with the real costs, after its probe steps when compiling is made free."""
+    """Chunked loss, compiled decoder layers, shared adapter inputs and SDPA without transformers' mask check
+    against the model's own loss, eager layers, PEFT's forward and plain SDPA, step by step (bf16 rounding apart).
+    `auto` takes the chunked loss and compiles only when the probed steps say it pays: never on this short run with
+    the real costs, after its probe steps when compiling is made free."""
     from studio.core.model.loading import open_model
     from studio.core.train import compilation
 
     losses, logs = {}, {}
     loaded = open_model(str(model_folder), device="cuda")
-    for name, switches, model in (("plain", dict(fused_loss=False, compile_layers=False), None),
+    plain = dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, attention="sdpa")
+    for name, switches, model in (("plain", plain, None),
                                   ("fast", dict(fused_loss=True, compile_layers=True), loaded),
                                   ("auto", {}, None), ("auto, compiling free", {}, None)):
         if name == "auto, compiling free":
@@ -144,12 +146,19 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
     for name in ("fast", "auto, compiling free"):
         assert any("compiling 4 decoder layers" in text for _, text in logs[name]), name
     assert not any("compiling" in text for _, text in logs["auto"])
+    for name in ("fast", "auto"):
+        assert ("info", "adapters sharing an input: 8 groups of 2-3, one product each (shared_adapter_input)") \
+            in logs[name], name
+        assert ("info", "attention: SDPA, causal, no mask built (unpacked rows, padding on the right)") in logs[name]
+    assert not any("sharing" in text or "attention" in text for _, text in logs["plain"])
     assert not [text for name in losses for level, text in logs[name] if level != "info"]  # nothing turned off
     for name in ("fast", "auto", "auto, compiling free"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-2), name
     assert losses["plain"][-1] < losses["plain"][0]
     layers = loaded.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
+    assert type(layers[0].self_attn.q_proj).__name__ == "Linear"  # PEFT's forward back
+    assert loaded.model.get_base_model().config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("name", ["varlen", "flex_attention"])
