@@ -55,7 +55,12 @@ SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 rms_norm_eps=1e-5, rope_theta=500000.0)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s by the vendor's datasheet
 WORKLOADS = ("fixed", "varlen", "qlora", "8b", "cpu")
-VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False), "fused": dict(fused_loss=True, compile_layers=False),
+# each one's training settings; "plain" turns every fast path off, "compiled-separate" all but two: each adapter its
+# own product (shared_adapter_input) and transformers' SDPA with its mask check (attention "sdpa")
+VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, attention="sdpa"),
+            "fused": dict(fused_loss=True, compile_layers=False),
+            "compiled-separate": dict(fused_loss=True, compile_layers=True, shared_adapter_input=False,
+                                      attention="sdpa"),
             "compiled": dict(fused_loss=True, compile_layers=True)}
 
 
