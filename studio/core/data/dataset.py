@@ -400,27 +400,33 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding and non-loss tokens; class ids for
     classification). Packed examples give position_ids instead of attention_mask: call the model with
     use_cache=False so that each packed example attends only to itself (see the module docstring); the padding then
-    forms a block of its own."""
-    import torch
-
+    forms a block of its own. Filled in numpy: torch.tensor reads a tuple of ints 7x slower, and on a GPU the host's
+    time for a step is the step's time (2.4 ms a step of 8 x 1024 tokens, here 0.3)."""
     if not examples:
         raise ValueError("collate needs at least one example")
     width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        input_ids[i, : len(example.input_ids)] = torch.tensor(example.input_ids)
-        attention_mask[i, : len(example.input_ids)] = 1
+    lengths = [len(e.input_ids) for e in examples]
+    input_ids = np.full((len(examples), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(examples), width), dtype=np.int64)
+    for i, (example, n) in enumerate(zip(examples, lengths)):
+        input_ids[i, :n] = example.input_ids
+        attention_mask[i, :n] = 1
     if examples[0].class_id is not None:
-        labels = torch.tensor([e.class_id for e in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        labels = np.array([e.class_id for e in examples], dtype=np.int64)
+        return _tensors(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
     for i, example in enumerate(examples):
-        labels[i, : len(example.labels)] = torch.tensor(example.labels)
+        labels[i, : len(example.labels)] = example.labels
     if examples[0].position_ids is None:
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    position_ids = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        n = len(example.input_ids)
-        position_ids[i] = torch.cat([torch.tensor(example.position_ids), torch.arange(width - n)])
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        return _tensors(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    position_ids = np.zeros((len(examples), width), dtype=np.int64)
+    for i, (example, n) in enumerate(zip(examples, lengths)):
+        position_ids[i, :n] = example.position_ids
+        position_ids[i, n:] = np.arange(width - n)
+    return _tensors(input_ids=input_ids, position_ids=position_ids, labels=labels)
+
+
+def _tensors(**arrays: np.ndarray) -> dict[str, Any]:
+    import torch
+
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
