@@ -60,7 +60,8 @@ class Batches:
             return StepBatch(micro, 0, tokens, positions)
         # the other processes' batches are known here too (the order is shared): count their loss tokens without
         # asking them, which would cost a collective and a host sync
-        counted = sum(_loss_tokens(self._micro_batch(index, rank)) for index in indices for rank in range(self.world))
+        counted = sum(_loss_tokens(own if rank == self.rank else self._micro_batch(index, rank))
+                      for index, own in zip(indices, rows) for rank in range(self.world))
         return StepBatch(micro, counted / self.world if self.world > 1 else counted, tokens, positions)
 
     def _micro_batch(self, index: int, rank: int) -> list[Any]:
