@@ -221,6 +221,8 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
         "variant": variant,
         "tokens_per_s": statistics.median(e.tokens_per_s for e in steady),
         "peak_mem_gib": max(e.gpu_mem_bytes or 0 for e in steady) / 2**30,
+        # the whole run's, its first (eager) steps included: what the memory estimate answers for
+        "run_peak_gib": max(e.gpu_mem_bytes or 0 for e in all_steps) / 2**30,
         "first_step_s": all_steps[0].elapsed_s,
         "median_step_s": statistics.median(step_s[4:] or step_s or [all_steps[0].elapsed_s]),
         "run_wall_s": wall,
@@ -282,7 +284,7 @@ def fixed_workload(args, work: Path, folder: Path, data: Path, baseline: dict, m
     modelled = runs.get("fused") or runs.get("compiled") or next(iter(runs.values()))
     estimate = estimate_gib(folder, args.seq, args.batch, mode)
     return {"baseline": baseline, "engine": runs, "estimate_gib": estimate,
-            "estimate_vs": {"variant": modelled["variant"], "peak_mem_gib": modelled["peak_mem_gib"]}}
+            "estimate_vs": {"variant": modelled["variant"], "run_peak_gib": modelled["run_peak_gib"]}}
 
 
 def varlen_workload(args, work: Path, folder: Path) -> dict:
@@ -370,9 +372,9 @@ def table(results: dict) -> str:
     for key in ("fixed", "qlora"):
         if key in results:
             shown = results[key]["estimate_vs"]
-            lines.append(f"| memory estimate vs peak, {key} ({shown['variant']}) | | "
-                         f"{results[key]['estimate_gib']:.1f} vs {shown['peak_mem_gib']:.1f} GiB | "
-                         f"{results[key]['estimate_gib'] / shown['peak_mem_gib']:.2f} |")
+            lines.append(f"| memory estimate vs the run's peak, {key} ({shown['variant']}) | | "
+                         f"{results[key]['estimate_gib']:.1f} vs {shown['run_peak_gib']:.1f} GiB | "
+                         f"{results[key]['estimate_gib'] / shown['run_peak_gib']:.2f} |")
     if "cpu" in results:
         cpu = results["cpu"]
         lines.append(f"| CPU demo (SmolLM2-135M, r=8, batch 8), s a step | {cpu['hf_step_s']:.2f} | "
