@@ -1,5 +1,5 @@
 """Would folding LoRA into the base matmuls pay? One Llama-3-8B-shaped layer's q/k/v and gate/up (with SiLU·up),
-forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Three ways, timed alternately in one run:
+forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Four ways, timed alternately in one run:
   base      the frozen matmuls alone: the floor any LoRA path stands on
   engine    as the engine trains: separate base matmuls, one shared x·Aᵀ product per group (shared_input.py),
             each adapter's B product added to its output
@@ -7,10 +7,11 @@ forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Three ways, 
             its Bs block-diagonal in one buffer); backward from the same products: [dx, d(x·Aᵀ)] = dy·[W, s·B]
   merged    the engine's LoRA on base weights stored as one matrix per group (one q/k/v matmul, one gate/up
             matmul, outputs split)
-Prints each one's time per layer and its ratio to `engine`, and checks that each gives the engine's gradients (to
-bf16 rounding). Results in bench/README.md. Not a timed test.
+Prints first what the GPU gives each base matmul alone, then each way's time per layer and its ratio to `engine`,
+and checks that each way gives the engine's gradients (to bf16 rounding). Results in bench/README.md. Not a timed
+test.
 
-    python bench/bench_lora_fold.py [--rounds 2]
+    python bench/bench_lora_fold.py [--rounds 2] [--seconds 2]
 """
 
 from __future__ import annotations
@@ -98,11 +99,43 @@ def layer(way: str, x_attn: torch.Tensor, x_mlp: torch.Tensor, qkv: Group, mlp: 
     return [*outs[0], F.silu(gate) * up]
 
 
+def sustained_rate(product, flops: int, seconds: float) -> float:
+    """TFLOP/s of `product` run back to back for `seconds` (after as long again to warm up): under a sustained load
+    the GPU reaches its power limit and lowers its clock, which a burst of a few calls would not show."""
+    rate = 0.0
+    for _ in range(2):  # the first round warms the GPU up to its steady clock
+        calls, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            for _ in range(10):
+                product()
+            torch.cuda.synchronize()
+            calls += 10
+        rate = flops * calls / (time.perf_counter() - began) / 1e12
+    return rate
+
+
+def matmul_ceiling(seconds: float) -> None:
+    """Each of the layer's base matmuls alone, forward (x·Wᵀ) and the input's gradient (dy·W), sustained: what the
+    GPU gives these shapes at all, the ceiling for any way of adding LoRA to them."""
+    for name, (out, inner) in {"q": (Q, HIDDEN), "k or v": (KV, HIDDEN), "gate or up": (MLP, HIDDEN)}.items():
+        weight = torch.randn(out, inner, device="cuda", dtype=BF16)
+        x = torch.randn(TOKENS, inner, device="cuda", dtype=BF16)
+        dy = torch.randn(TOKENS, out, device="cuda", dtype=BF16)
+        flops = 2 * TOKENS * out * inner
+        forward = sustained_rate(lambda: F.linear(x, weight), flops, seconds)
+        gradient = sustained_rate(lambda: dy @ weight, flops, seconds)
+        clock = torch.cuda.clock_rate() if hasattr(torch.cuda, "clock_rate") else "?"
+        print(f"{name:10s} alone, sustained: forward {forward:.0f} TFLOP/s, the input's gradient {gradient:.0f} "
+              f"TFLOP/s (SM clock at the end: {clock} MHz)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all the ways")
+    parser.add_argument("--seconds", type=float, default=2.0, help="each base matmul's sustained run alone")
     args = parser.parse_args()
     torch.manual_seed(0)
+    matmul_ceiling(args.seconds)
     qkv, mlp = Group([Q, KV, KV]), Group([MLP, MLP])
     inputs = [torch.randn(1, TOKENS, HIDDEN, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2)]
     grads = [torch.randn(1, TOKENS, n, device="cuda", dtype=BF16) for n in (Q, KV, KV, MLP)]
@@ -138,7 +171,8 @@ def main() -> None:
             times[way].append((time.perf_counter() - began) / 20 * 1000)
     engine = min(times["engine"])
     flops = 2 * 2 * TOKENS * HIDDEN * (Q + 2 * KV + 2 * MLP)  # forward and the input's gradient; the weights frozen
-    print(f"base matmuls: {flops / min(times['base']) / 1e9:.0f} TFLOP/s")
+    print(f"base: its matmuls' work over its whole time (SiLU·up and autograd included): "
+          f"{flops / min(times['base']) / 1e9:.0f} TFLOP/s")
     for way in ways:
         best = min(times[way])
         print(f"{way:7s} {best:6.2f} ms per layer (rounds: {', '.join(f'{t:.2f}' for t in times[way])}), "
