@@ -1,5 +1,5 @@
 """Would folding LoRA into the base matmuls pay? One Llama-3-8B-shaped layer's q/k/v and gate/up (with SiLU·up),
-forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Four ways, timed alternately in one run:
+forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Five ways, timed alternately in one run:
   base      the frozen matmuls alone: the floor any LoRA path stands on
   engine    as the engine trains: separate base matmuls, one shared x·Aᵀ product per group (shared_input.py),
             each adapter's B product added to its output
@@ -7,6 +7,8 @@ forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Four ways, t
             its Bs block-diagonal in one buffer); backward from the same products: [dx, d(x·Aᵀ)] = dy·[W, s·B]
   merged    the engine's LoRA on base weights stored as one matrix per group (one q/k/v matmul, one gate/up
             matmul, outputs split)
+  pointwise-b  the engine's, with each B product written as r broadcast products summed (no matmul), so that the
+            compiler can fuse it into the add and the SiLU·up instead of writing it out
 Prints first what the GPU gives each base matmul alone, then each way's time per layer and its ratio to `engine`,
 and checks that each way gives the engine's gradients (to bf16 rounding). Results in bench/README.md. Not a timed
 test.
@@ -46,6 +48,13 @@ class Group:
 def add_lora(x: torch.Tensor, outputs, group: Group) -> list[torch.Tensor]:
     products = F.linear(x, torch.cat(group.a)).split(RANK, -1)
     return [(out + F.linear(p, b) * SCALE).to(BF16) for out, p, b in zip(outputs, products, group.b)]
+
+
+def add_lora_pointwise(x: torch.Tensor, outputs, group: Group) -> list[torch.Tensor]:
+    """The B products as a sum of r broadcast products, which the compiler can fuse into the adds around them
+    (eager, it would build a tokens × r × width tensor)."""
+    products = F.linear(x, torch.cat(group.a)).split(RANK, -1)
+    return [(out + (p.unsqueeze(-1) * b.t()).sum(-2) * SCALE).to(BF16) for out, p, b in zip(outputs, products, group.b)]
 
 
 class FoldK(torch.autograd.Function):
@@ -91,6 +100,9 @@ def layer(way: str, x_attn: torch.Tensor, x_mlp: torch.Tensor, qkv: Group, mlp: 
             outs = [[F.linear(x, w) for w in g.separate] for x, g in ((x_attn, qkv), (x_mlp, mlp))]
         elif way == "engine":
             outs = [add_lora(x, [F.linear(x, w) for w in g.separate], g) for x, g in ((x_attn, qkv), (x_mlp, mlp))]
+        elif way == "pointwise-b":
+            outs = [add_lora_pointwise(x, [F.linear(x, w) for w in g.separate], g)
+                    for x, g in ((x_attn, qkv), (x_mlp, mlp))]
         elif way == "merged":
             outs = [add_lora(x, F.linear(x, g.merged).split(g.widths, -1), g) for x, g in ((x_attn, qkv), (x_mlp, mlp))]
         else:
@@ -140,7 +152,7 @@ def main() -> None:
     inputs = [torch.randn(1, TOKENS, HIDDEN, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2)]
     grads = [torch.randn(1, TOKENS, n, device="cuda", dtype=BF16) for n in (Q, KV, KV, MLP)]
     leaves = [*inputs, *qkv.params(), *mlp.params()]
-    ways = ("base", "engine", "fold-k", "merged")
+    ways = ("base", "engine", "fold-k", "merged", "pointwise-b")
     compiled = {way: torch.compile(lambda *a, w=way: layer(w, *a)) for way in ways}
 
     def step(way: str) -> None:
@@ -158,7 +170,7 @@ def main() -> None:
             reference = got
             continue
         worst = max(((g - r).norm() / r.norm()).item() for g, r in zip(got, reference))
-        print(f"{way:7s} gradients against the engine's: largest relative difference {worst:.1e}")
+        print(f"{way:11s} gradients against the engine's: largest relative difference {worst:.1e}")
     times: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(args.rounds):
         for way in ways:
@@ -175,7 +187,7 @@ def main() -> None:
           f"{flops / min(times['base']) / 1e9:.0f} TFLOP/s")
     for way in ways:
         best = min(times[way])
-        print(f"{way:7s} {best:6.2f} ms per layer (rounds: {', '.join(f'{t:.2f}' for t in times[way])}), "
+        print(f"{way:11s} {best:6.2f} ms per layer (rounds: {', '.join(f'{t:.2f}' for t in times[way])}), "
               f"{best / engine:.3f}x the engine's time")
 
 
