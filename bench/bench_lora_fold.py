@@ -1,5 +1,5 @@
 """Would folding LoRA into the base matmuls pay? One Llama-3-8B-shaped layer's q/k/v and gate/up (with SiLU·up),
-forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Five ways, timed alternately in one run:
+forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Six ways, timed alternately in one run:
   base      the frozen matmuls alone: the floor any LoRA path stands on
   engine    as the engine trains: separate base matmuls, one shared x·Aᵀ product per group (shared_input.py),
             each adapter's B product added to its output
@@ -9,6 +9,8 @@ forward and backward, compiled, 8 × 1024 tokens, r=16, bf16 (GPU). Five ways, t
             matmul, outputs split)
   pointwise-b  the engine's, with each B product written as r broadcast products summed (no matmul), so that the
             compiler can fuse it into the add and the SiLU·up instead of writing it out
+  swiglu-kernel  q/k/v as the engine's; gate/up's B products, their adds and the SiLU·up in one Triton kernel
+            (swiglu_kernel.py), forward and backward
 Prints first what the GPU gives each base matmul alone, then each way's time per layer and its ratio to `engine`,
 and checks that each way gives the engine's gradients (to bf16 rounding). Results in bench/README.md. Not a timed
 test.
@@ -23,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from swiglu_kernel import lora_swiglu
 
 HIDDEN, MLP, Q, KV, TOKENS, RANK, SCALE = 4096, 14336, 4096, 1024, 8 * 1024, 16, 2.0
 BF16 = torch.bfloat16
@@ -103,6 +106,11 @@ def layer(way: str, x_attn: torch.Tensor, x_mlp: torch.Tensor, qkv: Group, mlp: 
         elif way == "pointwise-b":
             outs = [add_lora_pointwise(x, [F.linear(x, w) for w in g.separate], g)
                     for x, g in ((x_attn, qkv), (x_mlp, mlp))]
+        elif way == "swiglu-kernel":
+            q, k, v = add_lora(x_attn, [F.linear(x_attn, w) for w in qkv.separate], qkv)
+            products = F.linear(x_mlp, torch.cat(mlp.a)).split(RANK, -1)
+            gate, up = (F.linear(x_mlp, w) for w in mlp.separate)
+            return [q, k, v, lora_swiglu(gate, up, *products, *mlp.b, SCALE, SCALE)]
         elif way == "merged":
             outs = [add_lora(x, F.linear(x, g.merged).split(g.widths, -1), g) for x, g in ((x_attn, qkv), (x_mlp, mlp))]
         else:
@@ -152,7 +160,7 @@ def main() -> None:
     inputs = [torch.randn(1, TOKENS, HIDDEN, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2)]
     grads = [torch.randn(1, TOKENS, n, device="cuda", dtype=BF16) for n in (Q, KV, KV, MLP)]
     leaves = [*inputs, *qkv.params(), *mlp.params()]
-    ways = ("base", "engine", "fold-k", "merged", "pointwise-b")
+    ways = ("base", "engine", "fold-k", "merged", "pointwise-b", "swiglu-kernel")
     compiled = {way: torch.compile(lambda *a, w=way: layer(w, *a)) for way in ways}
 
     def step(way: str) -> None:
@@ -170,7 +178,7 @@ def main() -> None:
             reference = got
             continue
         worst = max(((g - r).norm() / r.norm()).item() for g, r in zip(got, reference))
-        print(f"{way:11s} gradients against the engine's: largest relative difference {worst:.1e}")
+        print(f"{way:13s} gradients against the engine's: largest relative difference {worst:.1e}")
     times: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(args.rounds):
         for way in ways:
@@ -187,7 +195,7 @@ def main() -> None:
           f"{flops / min(times['base']) / 1e9:.0f} TFLOP/s")
     for way in ways:
         best = min(times[way])
-        print(f"{way:11s} {best:6.2f} ms per layer (rounds: {', '.join(f'{t:.2f}' for t in times[way])}), "
+        print(f"{way:13s} {best:6.2f} ms per layer (rounds: {', '.join(f'{t:.2f}' for t in times[way])}), "
               f"{best / engine:.3f}x the engine's time")
 
 
