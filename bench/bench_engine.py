@@ -57,10 +57,12 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s by the vendor'
 WORKLOADS = ("fixed", "varlen", "qlora", "8b", "cpu")
 # each one's training settings; "plain" turns every fast path off, "compiled-separate" all but two: each adapter its
 # own product (shared_adapter_input) and transformers' SDPA with its mask check (attention "sdpa")
-VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, attention="sdpa"),
+VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, fused_mlp_kernel=False,
+                          attention="sdpa"),
             "fused": dict(fused_loss=True, compile_layers=False),
             "compiled-separate": dict(fused_loss=True, compile_layers=True, shared_adapter_input=False,
                                       attention="sdpa"),
+            "compiled-mlp-unfused": dict(fused_loss=True, compile_layers=True, fused_mlp_kernel=False),
             "compiled": dict(fused_loss=True, compile_layers=True)}
 
 

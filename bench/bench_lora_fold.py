@@ -25,7 +25,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from swiglu_kernel import lora_swiglu
+
+from studio.core.train.swiglu_kernel import lora_swiglu
 
 HIDDEN, MLP, Q, KV, TOKENS, RANK, SCALE = 4096, 14336, 4096, 1024, 8 * 1024, 16, 2.0
 BF16 = torch.bfloat16

@@ -88,6 +88,9 @@ class TrainingConfig:
     shared_adapter_input: bool = field(default=True, metadata=_help(
         "Adapters that read the same input (q/k/v; gate/up) compute their first product as one matmul (the same "
         "math, fewer kernels); plain LoRA without dropout, not under FSDP"))
+    fused_mlp_kernel: bool = field(default=True, metadata=_help(
+        "On a CUDA GPU, a gated MLP whose gate and up adapters share an input computes their LoRA outputs and its "
+        "SiLU·up in one kernel (the same math to bf16 rounding; checked against the MLP's own forward first)"))
     group_by_length: bool = field(default=True, metadata=_help(
         "Without packing, each micro-batch draws examples of similar lengths (less padding; which examples meet, "
         "and when, stays random from the seed)"))

@@ -8,8 +8,9 @@ exactly (adapter weights, optimizer, scheduler, RNG states and the data position
 
 The defaults take a faster path to the same numbers: the causal-LM loss in chunks without the full logits, over
 the tokens that carry loss only (losses.py, `fused_loss`); on a CUDA GPU, once a run is long enough to repay
-compiling, torch.compile on each decoder layer (compilation.py, `compile_layers`); on the CPU, LoRA's dropout masks
-drawn sparsely (dropout.py). A step syncs the host once, to read its loss and norm, and does so a step late
+compiling, torch.compile on each decoder layer (compilation.py, `compile_layers`); on a CUDA GPU too, gated MLPs'
+LoRA outputs and SiLU·up in one kernel (fused_mlp.py, `fused_mlp_kernel`); on the CPU, LoRA's dropout masks drawn
+sparsely (dropout.py). A step syncs the host once, to read its loss and norm, and does so a step late
 (`_Reports`) so that the device does not wait for the host.
 """
 
@@ -354,6 +355,8 @@ def _setup(config: RunConfig, procs: Processes, emit: ev.Recorder, run_dir: Path
         emit(ev.LogMessage("loss: in chunks over the positions that carry one, without the full logits (fused_loss)"))
     if t.shared_adapter_input and not procs.sharded:  # sharded weights are gathered per module: not stacked
         _share_adapter_inputs(peft_model, batches.for_step(start).micro[0], accelerator, is_lm, undo, emit)
+        if t.fused_mlp_kernel and accelerator.device.type == "cuda":
+            _fuse_gated_mlps(peft_model, accelerator, undo, emit)
 
     # -- optimizer and schedule
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -737,6 +740,28 @@ def _share_adapter_inputs(model: Any, micro: dict[str, Any], accelerator: Any, i
         sizes = str(smallest) if smallest == largest else f"{smallest}-{largest}"
         emit(ev.LogMessage(f"adapters sharing an input: {len(groups)} groups of {sizes}, one product each "
                            "(shared_adapter_input)"))
+
+
+def _fuse_gated_mlps(model: Any, accelerator: Any, undo: contextlib.ExitStack, emit: ev.Recorder) -> None:
+    """Gated MLPs whose gate and up adapters share an input run their LoRA outputs and SiLU·up as one kernel
+    (fused_mlp.py), once the first of them gives its own forward's output through it."""
+    from studio.core.train import fused_mlp
+
+    mlps = fused_mlp.find_gated_mlps(model)
+    if not mlps:
+        return
+    fused = fused_mlp.FusedMLPs(mlps)
+    try:
+        why_not = fused.check(accelerator.autocast)
+    except Exception as exc:  # Triton missing or failing on this GPU: the MLPs keep their own forward
+        why_not = first_line(exc)
+    if why_not:
+        fused.undo()
+        emit(ev.LogMessage(f"gated MLPs: each runs its own forward ({why_not})"))
+        return
+    undo.callback(fused.undo)
+    emit(ev.LogMessage(f"gated MLPs: {len(mlps)} compute their LoRA outputs and SiLU·up in one kernel "
+                       "(fused_mlp_kernel)"))
 
 
 def _seed_everything(seed: int) -> None:

@@ -47,7 +47,7 @@ class _Group:
         return part
 
 
-def _plain_lora_adapter(layer: Any) -> str | None:
+def plain_lora_adapter(layer: Any) -> str | None:
     """The adapter name when `layer` is PEFT's plain LoRA Linear whose forward is base(x) + B(A(x))·scaling."""
     from peft.tuners.lora.layer import Linear
 
@@ -65,7 +65,7 @@ def _plain_lora_adapter(layer: Any) -> str | None:
 
 def _stackable(layer: Any, other: Any) -> bool:
     """Whether the two adapters' A matrices stack into one: the same width and dtype."""
-    a, b = (x.lora_A[_plain_lora_adapter(x)].weight for x in (layer, other))
+    a, b = (x.lora_A[plain_lora_adapter(x)].weight for x in (layer, other))
     return a.shape[1] == b.shape[1] and a.dtype == b.dtype
 
 
@@ -79,7 +79,7 @@ def find_groups(model: Any, inputs: dict[str, torch.Tensor],
         if args and isinstance(args[0], torch.Tensor):
             calls.append((layer, args[0]))
 
-    layers = [m for m in model.modules() if _plain_lora_adapter(m) is not None]
+    layers = [m for m in model.modules() if plain_lora_adapter(m) is not None]
     if len(layers) < MIN_GROUP:
         return []
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
@@ -112,7 +112,7 @@ class Shared:
     layer, so a compiled decoder layer still traces into one graph that all layers share."""
 
     def __init__(self, groups: list[list[Any]]) -> None:
-        self.groups = [_Group(layers, _plain_lora_adapter(layers[0])) for layers in groups]  # type: ignore[arg-type]
+        self.groups = [_Group(layers, plain_lora_adapter(layers[0])) for layers in groups]  # type: ignore[arg-type]
         for group in self.groups:
             for index, layer in enumerate(group.layers):
                 layer._shared_group, layer._shared_index = group, index
@@ -139,7 +139,7 @@ def _shared_class(base: type) -> type:
 def _grouped_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     group: _Group = layer._shared_group
     adapter = group.adapter
-    if args or kwargs or _plain_lora_adapter(layer) != adapter:  # switched since: PEFT's own forward
+    if args or kwargs or plain_lora_adapter(layer) != adapter:  # switched since: PEFT's own forward
         return super(type(layer), layer).forward(x, *args, **kwargs)
     result = layer.base_layer(x)
     update = layer.lora_B[adapter](group.product(layer._shared_index, x)) * layer.scaling[adapter]

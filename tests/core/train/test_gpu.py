@@ -132,7 +132,8 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
 
     losses, logs = {}, {}
     loaded = open_model(str(model_folder), device="cuda")
-    plain = dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, attention="sdpa")
+    plain = dict(fused_loss=False, compile_layers=False, shared_adapter_input=False, fused_mlp_kernel=False,
+                 attention="sdpa")
     for name, switches, model in (("plain", plain, None),
                                   ("fast", dict(fused_loss=True, compile_layers=True), loaded),
                                   ("auto", {}, None), ("auto, compiling free", {}, None)):
@@ -150,7 +151,9 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
         assert ("info", "adapters sharing an input: 8 groups of 2-3, one product each (shared_adapter_input)") \
             in logs[name], name
         assert ("info", "attention: SDPA, causal, no mask built (unpacked rows, padding on the right)") in logs[name]
-    assert not any("sharing" in text or "attention" in text for _, text in logs["plain"])
+        assert ("info", "gated MLPs: 4 compute their LoRA outputs and SiLU·up in one kernel (fused_mlp_kernel)") \
+            in logs[name], name
+    assert not any(word in text for _, text in logs["plain"] for word in ("sharing", "attention", "MLPs"))
     assert not [text for name in losses for level, text in logs[name] if level != "info"]  # nothing turned off
     for name in ("fast", "auto", "auto, compiling free"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-2), name
@@ -158,7 +161,52 @@ def test_fast_path_gives_the_plain_losses_and_leaves_the_model_eager(model_folde
     layers = loaded.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation later runs eager
     assert type(layers[0].self_attn.q_proj).__name__ == "Linear"  # PEFT's forward back
+    assert type(layers[0].mlp).__name__ == "LlamaMLP"  # and the MLP's own
     assert loaded.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_the_gated_mlp_kernel_gives_peft_s_output_and_gradients(rank):
+    """fused_mlp.py's kernel against the MLP's own forward through PEFT (shared adapter input on both sides), as
+    the engine trains: bf16 base, float32 adapters, autocast; rank 8 is padded to the kernel's 16."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from studio.core.train import fused_mlp, shared_input
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=1000, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)  # 1000: a width that does not fill its last tile
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                             init_lora_weights=False))
+    autocast = lambda: torch.autocast("cuda", torch.bfloat16)  # noqa: E731
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+
+    def output_and_gradients():
+        read = x.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        with autocast():
+            out = mlp(read)
+        out.backward(grad)
+        return [out.float(), read.grad.float()] + [p.grad.float().clone() for p in params]
+
+    with disable_input_dtype_casting(model):
+        shared_input.Shared(shared_input.find_groups(model, {"input_ids": torch.ones(1, 8, dtype=torch.long,
+                                                                                      device="cuda")}, autocast))
+        own = output_and_gradients()
+        fused = fused_mlp.FusedMLPs(fused_mlp.find_gated_mlps(model))
+        assert fused.check(autocast) == ""
+        got = output_and_gradients()
+    assert type(mlp).__name__ == "FusedLoRALlamaMLP"
+    assert len(params) == 6  # gate, up and down: A and B each
+    for mine, theirs in zip(got, own):
+        assert ((mine - theirs).norm() / theirs.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("name", ["varlen", "flex_attention"])

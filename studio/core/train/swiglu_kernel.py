@@ -5,28 +5,37 @@
 G and U are the base projections' outputs (tokens × width), Mg and Mu the adapters' first products x·Aᵀ (tokens ×
 r), Bg and Bu their B matrices (width × r). PEFT writes each B product out (tokens × width), adds it to the base
 output and the SiLU·up reads both sums back; here each tile computes its rank-r products on the tensor cores and
-never writes them: on one Llama-3-8B layer that traffic was most of what LoRA cost on top of the base matmuls.
+never writes them (on one Llama-3-8B layer: 0.45 ms of the 1.4 ms LoRA added to the base matmuls, bench/README.md).
 Backward recomputes the products the same way and writes the gradients of G and U, from which those of Mg, Mu, Bg
 and Bu follow as thin matmuls. The sums are float32 in the kernel, rounded once (PEFT rounds each product and each
 sum to bf16): the same math to bf16 rounding.
 
 `lora_swiglu` is a torch custom op (opaque to torch.compile, which calls it from a compiled layer's graph) with its
-own backward. A prototype for the engine, measured by bench_lora_fold.py (way `swiglu-kernel`); the engine does not
-use it yet. Traced by torch.compile as a plain autograd.Function instead, the same kernels made the layer 1.26x
-slower: as a custom op the compiler leaves them alone.
+own backward; fused_mlp.py puts it in a gated MLP's forward. Traced by torch.compile as a plain autograd.Function
+instead, the same kernels made the layer 1.26x slower: as a custom op the compiler leaves them alone.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch's CPU builds come without Triton: the kernels run where it is, on CUDA
+    triton = tl = None
+
+AVAILABLE = triton is not None
+
+def _jit(kernel):
+    return triton.jit(kernel) if AVAILABLE else kernel
+
 
 BLOCK_T, BLOCK_N, NUM_WARPS = 64, 64, 4  # the best of seven tried on an H200 (bench/README.md)
 RANK_MULTIPLE = 16  # the tensor cores' smallest inner dimension: r is padded up to it with zeros
 
 
-@triton.jit
+@_jit
 def _gate_up(base_g, base_u, mid_g, mid_u, b_g, b_u, rows, cols, T, N, ranks, scale_g, scale_u,
              stride_base, stride_mid_g, stride_mid_u, stride_b_g, stride_b_u):
     rmask = rows < T
@@ -42,7 +51,7 @@ def _gate_up(base_g, base_u, mid_g, mid_u, b_g, b_u, rows, cols, T, N, ranks, sc
     return g, u, offsets, both
 
 
-@triton.jit
+@_jit
 def _forward_kernel(base_g, base_u, mid_g, mid_u, b_g, b_u, out, T, N, scale_g, scale_u,
                     stride_base, stride_mid_g, stride_mid_u, stride_b_g, stride_b_u,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
@@ -53,7 +62,7 @@ def _forward_kernel(base_g, base_u, mid_g, mid_u, b_g, b_u, out, T, N, scale_g, 
     tl.store(out + offsets, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=both)
 
 
-@triton.jit
+@_jit
 def _backward_kernel(grad_act, base_g, base_u, mid_g, mid_u, b_g, b_u, grad_g, grad_u, T, N, scale_g, scale_u,
                      stride_base, stride_mid_g, stride_mid_u, stride_b_g, stride_b_u,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
