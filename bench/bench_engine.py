@@ -212,7 +212,7 @@ def run_engine(folder: Path, data: Path, out: Path, steps: int, seq: int, batch:
     if isinstance(result, ev.Failed):
         raise SystemExit(f"engine ({variant}) failed: {result.message}")
     logs = [f"{e.level}: {e.text}" for e in events if isinstance(e, ev.LogMessage)
-            and (e.level != "info" or e.text.startswith(("attention", "compiling")))]
+            and (e.level != "info" or e.text.startswith(("attention", "compiling", "gated MLPs")))]
     all_steps = [e for e in events if isinstance(e, ev.StepMetrics)]
     steady = all_steps[5:] or all_steps
     step_s = [(b.elapsed_s - a.elapsed_s) for a, b in zip([None, *all_steps], all_steps) if a is not None]
