@@ -344,7 +344,9 @@ def versions() -> dict:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             found[name] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    # "-dirty" when the tree differs from that commit (a copy of the tree over an older clone, as on a GPU machine)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                            cwd=ROOT)
     found["studio_commit"] = commit.stdout.strip() or None
     return found
 
