@@ -63,6 +63,8 @@ VARIANTS = {"plain": dict(fused_loss=False, compile_layers=False, shared_adapter
             "compiled-separate": dict(fused_loss=True, compile_layers=True, shared_adapter_input=False,
                                       attention="sdpa"),
             "compiled-mlp-unfused": dict(fused_loss=True, compile_layers=True, fused_mlp_kernel=False),
+            "compiled-unshared": dict(fused_loss=True, compile_layers=True, shared_adapter_input=False,
+                                      fused_mlp_kernel=False),
             "compiled": dict(fused_loss=True, compile_layers=True)}
 
 

@@ -62,6 +62,26 @@ def tiny_llama():
     return AutoModelForCausalLM.from_config(config)
 
 
+@pytest.fixture()
+def tiny_llama_4bit(tiny_llama):
+    """tiny_llama with its decoder layers' projections as bitsandbytes NF4 layers, as a QLoRA load makes them (on
+    the CPU here; PEFT then gives them its 4-bit LoRA class)."""
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    for layer in tiny_llama.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                                  compute_dtype=torch.float32, quant_type="nf4")
+                    quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                                         quant_type="nf4").to("cpu")  # quantizes it
+                    setattr(parent, name, quantized)
+    tiny_llama.is_loaded_in_4bit = True
+    return tiny_llama
+
+
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory, default_tokenizer):
     """A random 2-layer Llama with the default model's tokenizer (and chat template), saved as a model folder: a

@@ -87,7 +87,7 @@ class TrainingConfig:
         "torch.compile each decoder layer (CUDA; the same math): true, false or auto (once a run is long enough)"))
     shared_adapter_input: bool = field(default=True, metadata=_help(
         "Adapters that read the same input (q/k/v; gate/up) compute their first product as one matmul (the same "
-        "math, fewer kernels); plain LoRA without dropout, not under FSDP"))
+        "math, fewer kernels); plain LoRA (a 16-bit or 4-bit base) without dropout, not under FSDP"))
     fused_mlp_kernel: bool = field(default=True, metadata=_help(
         "On a CUDA GPU, a gated MLP whose gate and up adapters share an input computes their LoRA outputs and its "
         "SiLU·up in one kernel (the same math to bf16 rounding; checked against the MLP's own forward first)"))

@@ -57,7 +57,9 @@ class FusedMLPs:
             mlp._lora_swiglu = swiglu_kernel.lora_swiglu
         mlp = self.mlps[0]
         base = mlp.gate_proj.base_layer
-        x = torch.randn(1, 64, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
+        # a 4-bit base stores its weight packed in integers; its inputs come in its compute dtype
+        dtype = base.weight.dtype if base.weight.is_floating_point() else base.compute_dtype
+        x = torch.randn(1, 64, base.in_features, device=base.weight.device, dtype=dtype)
         with torch.no_grad(), autocast():
             if base(x).dtype not in KERNEL_DTYPES:
                 return f"the kernel needs bf16 or fp16 outputs, the projections give {base(x).dtype}"

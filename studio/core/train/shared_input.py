@@ -9,8 +9,10 @@ Which adapters share an input is found, not assumed from module names: one forwa
 and adapters called one after another on the very same tensor form a group. At run time an adapter still checks
 that its input is the group's (`is`) and computes its own product when it is not.
 
-Only PEFT's plain LoRA layer is grouped, where its forward is `base(x) + B(A(x))·scaling`: one active adapter, no
-dropout (each adapter draws its own mask: one product would share it), no DoRA, not merged, adapters enabled.
+Only PEFT's plain LoRA layers are grouped, where the forward is `base(x) + B(A(x))·scaling`: its 16-bit Linear and
+its 4-bit one (QLoRA; PEFT's forward there also copies the base output, which a grouped layer does not need), one
+active adapter, no dropout (each adapter draws its own mask: one product would share it), no DoRA, not merged,
+adapters enabled.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class _Group:
 
 
 def plain_lora_adapter(layer: Any) -> str | None:
-    """The adapter name when `layer` is PEFT's plain LoRA Linear whose forward is base(x) + B(A(x))·scaling."""
-    from peft.tuners.lora.layer import Linear
-
-    if type(layer) not in (Linear, _CLASSES.get(Linear)):  # PEFT's, or PEFT's made to share (Shared)
+    """The adapter name when `layer` is PEFT's plain LoRA Linear (16-bit or 4-bit) whose forward is
+    base(x) + B(A(x))·scaling."""
+    kind = type(layer)
+    kind = kind.__bases__[0] if kind in _CLASSES.values() else kind  # PEFT's, or PEFT's made to share (Shared)
+    if kind not in _lora_linear_classes():
         return None
     if layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
         return None
@@ -61,6 +64,14 @@ def plain_lora_adapter(layer: Any) -> str | None:
     if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity):
         return None
     return adapter
+
+
+def _lora_linear_classes() -> tuple[type, ...]:
+    from peft.tuners.lora import bnb
+    from peft.tuners.lora.layer import Linear
+
+    four_bit = getattr(bnb, "Linear4bit", None)  # defined where bitsandbytes is installed
+    return (Linear,) if four_bit is None else (Linear, four_bit)
 
 
 def _stackable(layer: Any, other: Any) -> bool:

@@ -27,6 +27,14 @@ def test_every_decoder_layer_s_mlp_is_found_once_gate_and_up_share_an_input(tiny
     assert mlps == [layer.mlp for layer in model.get_base_model().model.layers]
 
 
+def test_a_4bit_base_s_mlps_are_found_too(tiny_llama_4bit):
+    model = adapted(tiny_llama_4bit)
+    shared(model)
+    mlps = fused_mlp.find_gated_mlps(model)
+    assert mlps == [layer.mlp for layer in model.get_base_model().model.layers]
+    assert type(mlps[0].gate_proj).__name__ == "SharedInputLinear4bit"
+
+
 def test_mlps_whose_gate_and_up_do_not_share_an_input_are_left_alone(tiny_llama):
     model = adapted(tiny_llama, lora_dropout=0.1)  # dropout: each adapter its own product, no groups
     shared(model)

@@ -100,17 +100,19 @@ def test_qlora_4bit_run_on_cuda(model_folder, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_qlora_keeps_the_stream_in_bf16_and_compiles_to_the_eager_losses(model_folder, tmp_path):
-    """A 4-bit base trains with its embeddings and norms in bf16 (no float32 upcast of the residual stream), and
+    """A 4-bit base trains with its embeddings and norms in bf16 (no float32 upcast of the residual stream), its
+    adapters share products and its MLPs run the LoRA + SiLU·up kernel with the losses of PEFT's own forward, and
     compiled decoder layers (or, where the compiler fails on bitsandbytes, eager ones after a warning) give the
     eager run's losses."""
     from studio.core.model.loading import open_model
 
     losses, logs = {}, {}
-    for name, compile_layers in (("eager", False), ("compiled", True)):
+    plain = dict(compile_layers=False, shared_adapter_input=False, fused_mlp_kernel=False)
+    for name, settings in (("plain", plain), ("eager", dict(compile_layers=False)),
+                           ("compiled", dict(compile_layers=True))):
         loaded = open_model(str(model_folder), device="cuda", quantization="4bit")
         result, events = run(model_folder, tmp_path / name, dict(max_steps=6, save_every=0, spectrum_every=0,
-                                                                  compile_layers=compile_layers), loaded=loaded,
-                             quantization="4bit")
+                                                                  **settings), loaded=loaded, quantization="4bit")
         assert isinstance(result, ev.Finished), result
         base = loaded.model.get_base_model()
         assert base.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -118,6 +120,10 @@ def test_qlora_keeps_the_stream_in_bf16_and_compiles_to_the_eager_losses(model_f
         losses[name] = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
         logs[name] = [e.text for e in events if isinstance(e, ev.LogMessage)]
     assert any("compiling 4 decoder layers" in text for text in logs["compiled"])
+    for name in ("eager", "compiled"):
+        assert any(text.startswith("adapters sharing an input: 8 groups") for text in logs[name]), logs[name]
+        assert any(text.startswith("gated MLPs: 4 compute") for text in logs[name]), logs[name]
+    assert losses["eager"] == pytest.approx(losses["plain"], rel=1e-2)
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
     assert losses["eager"][-1] < losses["eager"][0]
 

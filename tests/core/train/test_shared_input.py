@@ -58,6 +58,26 @@ def test_shared_products_give_peft_s_losses_and_gradients_and_undo_gives_peft_s_
     assert loss_and_grads(model, ids)[0] == own_loss
 
 
+def test_a_4bit_base_shares_products_with_peft_s_losses_and_gradients(tiny_llama_4bit):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    model = adapted(tiny_llama_4bit)
+    ids = torch.randint(0, 128, (2, 12))
+    groups = shared_input.find_groups(model, {"input_ids": ids[:1]})
+    assert names(model, groups) == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 3
+    assert type(groups[0][0]) is LoraLinear4bit
+    # PEFT's own, measured after find_groups' no-grad forward: on the CPU bitsandbytes repacks 4-bit weights there
+    # (and its CPU kernel then passes no gradient back through the base), so both sides see the same base
+    own_loss, own_grads = loss_and_grads(model, ids)
+    shared_input.Shared(groups)
+    loss, grads = loss_and_grads(model, ids)
+    assert type(groups[0][0]).__name__ == "SharedInputLinear4bit"
+    # float32 rounding apart (up to 1e-5 here; PEFT's forward against itself: equal); a lost update is far larger
+    assert math.isclose(loss, own_loss, rel_tol=1e-5)
+    assert grads.keys() == own_grads.keys()
+    assert all(torch.allclose(grads[n], own_grads[n], rtol=1e-3, atol=1e-5) for n in grads)
+
+
 def test_a_bf16_base_under_autocast_shares_its_float32_adapters_inputs(tiny_llama):
     """As the engine trains a bf16 base on a GPU: float32 adapters, PEFT's input cast off, autocast on."""
     from peft.helpers import disable_input_dtype_casting
